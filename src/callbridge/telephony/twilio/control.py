@@ -1,0 +1,207 @@
+"""Twilio REST call control through the official `twilio` SDK and its async HTTP client.
+
+Hang-up is `status=completed` on the Call resource. It is idempotent here: 20404
+(no such call, i.e. long gone) and 21220 (call not in progress) both mean the call
+is already over. 429 and 5xx (and timeouts, refused connections) are retried with
+exponential backoff, honouring `Retry-After`, a bounded number of times and within
+a total deadline, so teardown is never held forever by a slow API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+from twilio.base.exceptions import TwilioRestException
+from twilio.http.async_http_client import AsyncTwilioHttpClient
+from twilio.http.response import Response
+from twilio.rest import Client
+
+from callbridge.telephony.base import CallControlError, HangupOutcome
+
+__all__ = ["ALREADY_ENDED_CODES", "OutboundCall", "RetryPolicy", "TwilioCallControl"]
+
+log = logging.getLogger("callbridge.twilio")
+
+ALREADY_ENDED_CODES = frozenset({20404, 21220})
+T = TypeVar("T")
+
+# Retry-After of the latest response in *this task*: the HTTP client is shared by
+# every call, so a plain attribute would race between calls.
+_retry_after: contextvars.ContextVar[float | None] = contextvars.ContextVar("retry_after", default=None)
+
+
+class _HttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
+    async def request(self, *args: Any, **kwargs: Any) -> Response:
+        response: Response = await super().request(*args, **kwargs)
+        value = response.headers.get("Retry-After") if response.headers else None
+        try:
+            _retry_after.set(float(value) if value is not None else None)
+        except ValueError:
+            _retry_after.set(None)  # an HTTP-date form: fall back to our own backoff
+        return response
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 4
+    request_timeout: float = 5.0  # one HTTP request
+    deadline: float = 12.0  # all attempts together
+    base_delay: float = 0.25
+    max_delay: float = 4.0
+
+
+@dataclass(frozen=True)
+class OutboundCall:
+    call_sid: str
+    status: str
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, TwilioRestException):
+        return exc.status == 429 or exc.status >= 500
+    return isinstance(exc, TimeoutError | aiohttp.ClientError | OSError)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TwilioRestException):
+        return f"HTTP {exc.status} code {exc.code}"
+    return type(exc).__name__
+
+
+class TwilioCallControl:
+    """`CallControl` for Twilio. One instance serves every call of a process."""
+
+    def __init__(
+        self,
+        account_sid: str,
+        auth_token: str,
+        api_base_url: str = "https://api.twilio.com",
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.retry = retry or RetryPolicy()
+        self._account_sid = account_sid
+        self._auth_token = auth_token
+        self._api_base_url = api_base_url.rstrip("/")
+        self._client: Client | None = None
+        self._http: _HttpClient | None = None
+
+    def __repr__(self) -> str:
+        return f"TwilioCallControl(account_sid={self._account_sid!r}, api_base_url={self._api_base_url!r})"
+
+    @property
+    def client(self) -> Client:
+        # Created lazily inside the running loop: aiohttp sessions bind to their loop.
+        if self._client is None:
+            self._http = _HttpClient(timeout=None)
+            client = Client(self._account_sid, self._auth_token, http_client=self._http)
+            # The SDK joins each request path to its domain's base_url; pointing it
+            # elsewhere (a regional edge, the local emulator) is this one attribute.
+            client.api.base_url = self._api_base_url
+            self._client = client
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+        self._http = None
+        self._client = None
+
+    async def _with_retries(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        policy = self.retry
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + policy.deadline
+        last: BaseException | None = None
+        for attempt in range(1, policy.attempts + 1):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            _retry_after.set(None)
+            try:
+                return await asyncio.wait_for(op(), min(policy.request_timeout, remaining))
+            except (TwilioRestException, TimeoutError, aiohttp.ClientError, OSError) as exc:
+                last = exc
+                if not _retryable(exc) or attempt == policy.attempts:
+                    break
+                delay = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
+                delay *= 0.5 + random.random()  # jitter: calls ending together must not retry in step
+                hinted = _retry_after.get()
+                if hinted is not None:
+                    delay = min(max(delay, hinted), policy.max_delay)
+                if loop.time() + delay >= deadline:
+                    break
+                log.warning(
+                    "twilio.retry %s failed (%s), attempt %d/%d, retrying in %.2fs",
+                    what,
+                    _describe(exc),
+                    attempt,
+                    policy.attempts,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        assert last is not None or deadline - loop.time() <= 0
+        detail = _describe(last) if last is not None else "deadline exceeded"
+        raise CallControlError(f"{what} failed: {detail}") from last
+
+    async def hangup(self, call_sid: str) -> HangupOutcome:
+        async def op() -> HangupOutcome:
+            try:
+                await self.client.calls(call_sid).update_async(status="completed")
+            except TwilioRestException as exc:
+                if exc.code in ALREADY_ENDED_CODES or exc.status == 404:
+                    return HangupOutcome.ALREADY_ENDED
+                raise
+            return HangupOutcome.COMPLETED
+
+        return await self._with_retries(f"hangup of {call_sid}", op)
+
+    async def redirect(self, call_sid: str, twiml: str) -> None:
+        async def op() -> None:
+            await self.client.calls(call_sid).update_async(twiml=twiml)
+
+        await self._with_retries(f"redirect of {call_sid}", op)
+
+    async def fetch_status(self, call_sid: str) -> str | None:
+        """The call's status, or None if Twilio has no such call."""
+
+        async def op() -> str | None:
+            try:
+                call = await self.client.calls(call_sid).fetch_async()
+            except TwilioRestException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            return str(call.status)
+
+        return await self._with_retries(f"fetch of {call_sid}", op)
+
+    async def create_call(
+        self,
+        to: str,
+        from_: str,
+        twiml: str,
+        status_callback: str | None = None,
+    ) -> OutboundCall:
+        """Place an outbound call whose TwiML connects it to the bridge.
+
+        Not retried on 5xx: a create that timed out may have placed the call, and
+        a retry would ring the person twice.
+        """
+        kwargs: dict[str, Any] = {"to": to, "from_": from_, "twiml": twiml}
+        if status_callback:
+            kwargs["status_callback"] = status_callback
+            kwargs["status_callback_event"] = ["initiated", "ringing", "answered", "completed"]
+            kwargs["status_callback_method"] = "POST"
+        try:
+            call = await asyncio.wait_for(
+                self.client.calls.create_async(**kwargs), self.retry.request_timeout
+            )
+        except (TwilioRestException, TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise CallControlError(f"outbound call to {to} failed: {_describe(exc)}") from exc
+        return OutboundCall(call_sid=str(call.sid), status=str(call.status))

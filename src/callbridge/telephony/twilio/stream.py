@@ -1,0 +1,114 @@
+"""Twilio Media Stream adapter: a `TelephonyLeg` over one server-side WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from collections.abc import AsyncIterator
+
+from callbridge.telephony.base import (
+    CallerHungUp,
+    StreamInfo,
+    TelephonyClosed,
+    TelephonyError,
+    TelephonyEvent,
+    TelephonyWarning,
+)
+from callbridge.telephony.twilio.protocol import Connected, TwilioStreamProtocol
+from callbridge.transport import MessageSocket, SocketClosed
+
+__all__ = ["TwilioMediaStream"]
+
+log = logging.getLogger("callbridge.twilio")
+
+
+class TwilioMediaStream:
+    """One bidirectional Media Stream (`<Connect><Stream>`), seen from our server."""
+
+    def __init__(self, socket: MessageSocket, close_timeout: float = 2.0) -> None:
+        self._socket = socket
+        self.protocol = TwilioStreamProtocol()
+        self._open = True
+        self._closed_by_bridge = False
+        self._close_timeout = close_timeout
+        self.early_warnings: list[str] = []
+        self.media_sent = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    @property
+    def pending_marks(self) -> int:
+        return self.protocol.pending_marks
+
+    async def start(self) -> StreamInfo:
+        """Read `connected` and `start`; anything else before `start` is noted and skipped."""
+        while True:
+            try:
+                frame = await self._socket.receive()
+            except SocketClosed as exc:
+                self._open = False
+                raise TelephonyError(f"media stream closed before start ({exc.code})") from None
+            event = self.protocol.receive(frame)
+            if isinstance(event, StreamInfo):
+                return event
+            if isinstance(event, Connected) or event is None:
+                continue
+            if isinstance(event, CallerHungUp):
+                raise TelephonyError("stop before start")
+            if isinstance(event, TelephonyWarning):
+                if event.fatal:
+                    raise TelephonyError(event.reason)
+                self.early_warnings.append(event.reason)
+                continue
+            self.early_warnings.append(f"{type(event).__name__} before start")
+
+    async def events(self) -> AsyncIterator[TelephonyEvent]:
+        receive = self._socket.receive
+        parse = self.protocol.receive
+        while True:
+            try:
+                frame = await receive()
+            except SocketClosed as exc:
+                self._open = False
+                yield TelephonyClosed(exc.code, self._closed_by_bridge)
+                return
+            event = parse(frame)
+            if event is None or isinstance(event, Connected | StreamInfo):
+                if isinstance(event, Connected):
+                    yield TelephonyWarning("connected received after start")
+                continue
+            yield event
+
+    async def send_audio(self, ulaw: bytes, b64: str | None = None) -> None:
+        if not self._open:
+            return
+        if b64 is None:
+            b64 = base64.b64encode(ulaw).decode("ascii")
+        mark_frame, _ = self.protocol.mark()
+        try:
+            await self._socket.send(self.protocol.media(b64))
+            await self._socket.send(mark_frame)
+        except SocketClosed:
+            self._open = False
+        self.media_sent += 1
+
+    async def clear(self) -> None:
+        if not self._open:
+            return
+        try:
+            await self._socket.send(self.protocol.clear())
+        except SocketClosed:
+            self._open = False
+
+    async def close(self) -> None:
+        if not self._open and self._closed_by_bridge:
+            return
+        self._closed_by_bridge = True
+        self._open = False
+        try:
+            await asyncio.wait_for(self._socket.close(1000, "call ended"), self._close_timeout)
+        except TimeoutError:
+            log.warning("closing the Twilio media stream timed out")
