@@ -1,0 +1,1 @@
+"""Stand-ins for the outside world (callers, telephony, voice agents) for tests and demos."""
