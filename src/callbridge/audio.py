@@ -12,6 +12,7 @@ Python code runs per sample: the bridge calls this on every 20 ms frame of every
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -114,6 +115,8 @@ def _build_encode_table() -> NDArray[np.uint8]:
     sample = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.int16).astype(np.int32)
     # audioop works on the 14-bit value (arithmetic shift, so negatives round towards -inf),
     # clips the magnitude at 8159 (= 32635 >> 2 in 16-bit terms) and adds the bias 0x84 >> 2.
+    # The textbook 16-bit form (|x| clipped at 32635, + 0x84) differs from this, and from
+    # audioop, by one code step on 381 negative samples, because |x| >> 2 != -(x >> 2) there.
     v = sample >> 2
     negative = v < 0
     magnitude = np.minimum(np.where(negative, -v, v), 8159) + (0x84 >> 2)
@@ -126,9 +129,9 @@ def _build_encode_table() -> NDArray[np.uint8]:
 
 
 _ULAW_TO_PCM16: Final = _build_decode_table()
-# soxr works in float; decoding straight to float32 saves an int16 intermediate per chunk.
-# Values stay in int16 units (no /32768 scaling): resampling is linear, so the scale is free.
-_ULAW_TO_F32: Final = _ULAW_TO_PCM16.astype(np.float32)
+# Mu-law straight to the resampler's input representation (see _to_q16): one lookup, no
+# int16 intermediate.
+_ULAW_TO_Q16: Final = _ULAW_TO_PCM16.astype(np.int32) << 16
 _PCM16_TO_ULAW: Final = _build_encode_table()
 
 
@@ -162,7 +165,7 @@ def ulaw_peak(data: bytes) -> int:
 
 
 def _encode_i16(samples: NDArray[np.int16]) -> bytes:
-    return _PCM16_TO_ULAW.take(samples.view(np.uint16)).tobytes()
+    return _PCM16_TO_ULAW.take(samples.view("<u2")).tobytes()
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,17 +187,34 @@ def _encode_i16(samples: NDArray[np.int16]) -> bytes:
 # through LQ, MQ and HQ alike at 84-103 dB SNR, i.e. at the int16 noise floor, while QQ (cubic
 # interpolation, no anti-alias filter) folds everything above 4 kHz straight back into the
 # telephone band when downsampling the agent's voice and reached only 44 dB when upsampling.
-# LQ halves MQ/HQ's added delay and its filter is still far below mu-law's own ~38 dB SNR, so it
-# is the default: every millisecond here is added to each conversational turn.
+# LQ halves MQ/HQ's added delay while its filter error stays far below mu-law's own ~38 dB SNR,
+# so it is the default: every millisecond held here is added to each conversational turn.
 RESAMPLE_QUALITY: Final = "LQ"
 
 
-def _f32_to_i16(samples: NDArray[np.float32]) -> NDArray[np.int16]:
-    # Round rather than truncate (truncation is a DC bias and extra distortion), and clip:
-    # the filter's overshoot on full-scale input can exceed the int16 range.
-    np.rint(samples, out=samples)
-    np.clip(samples, -32768.0, 32767.0, out=samples)
-    return samples.astype("<i2")
+# The resampler runs on int32 samples carrying the int16 value in their high 16 bits ("Q16").
+# soxr's int16 mode is out: libsoxr adds TPDF dither to int16 output, which turns digital
+# silence into +-1 noise (and mu-law 0xFF into a 0xFF/0x7F mix). float32 works but then needs
+# rint + clip + cast per chunk (~3-5 us of numpy dispatch on a 20 ms frame, np.clip alone ~3).
+# With int32, libsoxr saturates overshoot itself (no wrap-around, no clip pass) and does not
+# dither, and the int16 result is just the high halves: a strided view, no arithmetic. Taking
+# the high half floors instead of rounding: error in [-1, 0) LSB, a -96 dBFS bias that is far
+# below mu-law's own quantisation step (>= 8 LSB) and any ASR's noise floor.
+
+
+def _to_q16(pcm: NDArray[np.int16]) -> NDArray[np.int32]:
+    return np.left_shift(pcm, 16, dtype=np.int32)
+
+
+if sys.byteorder == "little":
+
+    def _from_q16(samples: NDArray[np.int32]) -> NDArray[np.int16]:
+        return samples.view("<i2")[1::2]
+
+else:  # pragma: no cover - no big-endian CI
+
+    def _from_q16(samples: NDArray[np.int32]) -> NDArray[np.int16]:
+        return (samples >> 16).astype("<i2")
 
 
 class StreamResampler:
@@ -213,12 +233,10 @@ class StreamResampler:
         self.out_rate = out_rate
         self.identity = in_rate == out_rate
         self._carry = b""
-        # float32 rather than soxr's int16 mode: with int16 output libsoxr adds TPDF dither,
-        # which turns digital silence into +-1 noise (and mu-law 0xFF into a 0xFF/0x7F mix).
         self._stream: soxr.ResampleStream | None = (
             None
             if self.identity
-            else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32", quality=quality)
+            else soxr.ResampleStream(in_rate, out_rate, 1, dtype="int32", quality=quality)
         )
 
     def _take_whole_samples(self, pcm16: bytes, last: bool) -> bytes:
@@ -238,16 +256,14 @@ class StreamResampler:
         pcm16 = self._take_whole_samples(pcm16, last)
         if self._stream is None:
             return pcm16
-        samples = np.frombuffer(pcm16, dtype="<i2").astype(np.float32)
-        return _f32_to_i16(self.process_samples(samples, last)).tobytes()
+        samples = _to_q16(np.frombuffer(pcm16, dtype="<i2"))
+        return _from_q16(self._process_q16(samples, last)).tobytes()
 
-    def process_samples(self, samples: NDArray[np.float32], last: bool = False
-                        ) -> NDArray[np.float32]:
-        """Array form of :meth:`process` (float32 samples in int16 units, not normalised),
-        so that a decoder and encoder around it need no bytes in between."""
+    def _process_q16(self, samples: NDArray[np.int32], last: bool) -> NDArray[np.int32]:
+        # Array form of process(), so the converter needs no bytes between decode and encode.
         if self._stream is None:
             return samples
-        out: NDArray[np.float32] = self._stream.resample_chunk(samples, last=last)
+        out: NDArray[np.int32] = self._stream.resample_chunk(samples, last=last)
         if last:
             # soxr refuses input after the final chunk; clearing lets the same object serve the
             # next stream without paying for a new filter design.
@@ -295,13 +311,12 @@ class AudioConverter:
             else:
                 out = np.frombuffer(self._whole_samples(data, last), dtype="<i2")
         else:
-            samples: NDArray[np.float32]
+            samples: NDArray[np.int32]
             if self.src.encoding == "ulaw":
-                samples = _ULAW_TO_F32.take(np.frombuffer(data, dtype=np.uint8))
+                samples = _ULAW_TO_Q16.take(np.frombuffer(data, dtype=np.uint8))
             else:
-                pcm = np.frombuffer(self._whole_samples(data, last), dtype="<i2")
-                samples = pcm.astype(np.float32)
-            out = _f32_to_i16(self._resampler.process_samples(samples, last))
+                samples = _to_q16(np.frombuffer(self._whole_samples(data, last), dtype="<i2"))
+            out = _from_q16(self._resampler._process_q16(samples, last))
         if self.dst.encoding == "ulaw":
             return _encode_i16(out)
         return out.tobytes()
