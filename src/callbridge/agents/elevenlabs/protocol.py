@@ -171,7 +171,8 @@ class ElevenLabsProtocol:
         try:
             handler = _HANDLERS.get(kind) if isinstance(kind, str) else None
             if handler is not None:
-                return handler(self, msg)
+                event: AgentEvent | AgentReady | None = handler(self, msg)
+                return event
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             return AgentWarning(f"malformed {kind} event: {exc!r}")
         if kind in _IGNORED_TYPES:

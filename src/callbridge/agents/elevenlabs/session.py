@@ -6,8 +6,8 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -23,8 +23,9 @@ from callbridge.agents.base import (
     AgentUnreachable,
 )
 from callbridge.agents.elevenlabs.protocol import ElevenLabsProtocol, close_outcome
+from callbridge.telephony.base import StreamInfo
 
-__all__ = ["ElevenLabsConfig", "ElevenLabsSession", "websocket_base"]
+__all__ = ["ElevenLabsConfig", "ElevenLabsSession", "session_factory", "websocket_base"]
 
 log = logging.getLogger("callbridge.elevenlabs")
 
@@ -57,8 +58,7 @@ class ElevenLabsConfig:
     def __repr__(self) -> str:  # never show the key
         key = "set" if self.api_key else "unset"
         return (
-            f"ElevenLabsConfig(agent_id={self.agent_id!r}, api_key={key}, "
-            f"api_base_url={self.api_base_url!r})"
+            f"ElevenLabsConfig(agent_id={self.agent_id!r}, api_key={key}, api_base_url={self.api_base_url!r})"
         )
 
 
@@ -240,3 +240,16 @@ class ElevenLabsSession:
         if ws is not None:
             with contextlib.suppress(Exception):
                 ws.transport.abort()
+
+
+def session_factory(
+    config: ElevenLabsConfig, http: httpx.AsyncClient | None = None
+) -> Callable[[StreamInfo], ElevenLabsSession]:
+    """A session per call; a stream parameter `agent_id` picks another agent for that call."""
+
+    def make(info: StreamInfo) -> ElevenLabsSession:
+        agent_id = info.custom_parameters.get("agent_id") or config.agent_id
+        cfg = config if agent_id == config.agent_id else replace(config, agent_id=agent_id)
+        return ElevenLabsSession(cfg, http)
+
+    return make

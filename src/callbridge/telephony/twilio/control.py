@@ -65,7 +65,8 @@ class OutboundCall:
 
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, TwilioRestException):
-        return exc.status == 429 or exc.status >= 500
+        status = int(exc.status)
+        return status == 429 or status >= 500
     return isinstance(exc, TimeoutError | aiohttp.ClientError | OSError)
 
 

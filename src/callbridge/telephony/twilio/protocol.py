@@ -126,9 +126,7 @@ class TwilioStreamProtocol:
                 f"unsupported media format {encoding}/{sample_rate}/{channels}", fatal=True
             )
         raw_params = start.get("customParameters")
-        params = (
-            {str(k): str(v) for k, v in raw_params.items()} if isinstance(raw_params, dict) else {}
-        )
+        params = {str(k): str(v) for k, v in raw_params.items()} if isinstance(raw_params, dict) else {}
         raw_tracks = start.get("tracks")
         tracks = tuple(str(t) for t in raw_tracks) if isinstance(raw_tracks, list) else ("inbound",)
         self.stream_sid, self.call_sid, self.account_sid = stream_sid, call_sid, account_sid

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from callbridge.telephony.base import (
     CallerHungUp,
@@ -26,8 +26,15 @@ log = logging.getLogger("callbridge.twilio")
 class TwilioMediaStream:
     """One bidirectional Media Stream (`<Connect><Stream>`), seen from our server."""
 
-    def __init__(self, socket: MessageSocket, close_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        socket: MessageSocket,
+        close_timeout: float = 2.0,
+        validator: Callable[[StreamInfo], str | None] | None = None,
+    ) -> None:
         self._socket = socket
+        # Checks the start (e.g. our per-call token); returns why the stream is refused.
+        self._validator = validator
         self.protocol = TwilioStreamProtocol()
         self._open = True
         self._closed_by_bridge = False
@@ -53,6 +60,9 @@ class TwilioMediaStream:
                 raise TelephonyError(f"media stream closed before start ({exc.code})") from None
             event = self.protocol.receive(frame)
             if isinstance(event, StreamInfo):
+                problem = self._validator(event) if self._validator is not None else None
+                if problem is not None:
+                    await self._refuse(problem)
                 return event
             if isinstance(event, Connected) or event is None:
                 continue
@@ -64,6 +74,15 @@ class TwilioMediaStream:
                 self.early_warnings.append(event.reason)
                 continue
             self.early_warnings.append(f"{type(event).__name__} before start")
+
+    async def _refuse(self, problem: str) -> None:
+        self._closed_by_bridge = True
+        self._open = False
+        try:
+            await asyncio.wait_for(self._socket.close(1008, "stream refused"), self._close_timeout)
+        except TimeoutError:
+            pass
+        raise TelephonyError(f"media stream refused: {problem}")
 
     async def events(self) -> AsyncIterator[TelephonyEvent]:
         receive = self._socket.receive

@@ -1,0 +1,848 @@
+"""`Call`: the one owner of a phone call's lifecycle.
+
+A call has two legs, a phone media stream (`TelephonyLeg`) and an agent session
+(`AgentSession`), and it ends exactly once, through `request_end` (or `end`, which
+also waits). The first end request wins and names the `EndReason`; later ones are
+logged and ignored. Teardown always runs the same steps in the same order, each
+bounded in time and isolated from the others' failures:
+
+1. stop forwarding caller audio;
+2. if the agent ended the conversation, let its goodbye play: wait for the mark
+   of the last agent chunk (bounded by the final-audio timeout);
+3. hang up the phone leg (or redirect it to the fallback TwiML after an agent
+   failure) unless the caller already hung up or the call was transferred;
+4. close the agent session; 5. close the media stream; then cancel what is left;
+6. persist the record; 7. run the `on_call_end` hooks; 8. log `call.ended`.
+
+This module knows no HTTP framework, no CLI and no vendor: only the interfaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+from callbridge.agents.base import (
+    AgentAudio,
+    AgentCallContext,
+    AgentClosed,
+    AgentInterrupted,
+    AgentReady,
+    AgentSession,
+    AgentToolUsed,
+    AgentTranscript,
+    AgentUnreachable,
+    AgentWarning,
+    ToolCallRequest,
+)
+from callbridge.audio import (
+    AudioConverter,
+    agent_to_telephony,
+    parse_format,
+    telephony_to_agent,
+    ulaw_peak,
+)
+from callbridge.logs import log_event
+from callbridge.telephony.base import (
+    CallControl,
+    CallControlError,
+    CallerAudio,
+    CallerHungUp,
+    Dtmf,
+    HangupOutcome,
+    MarkPlayed,
+    StreamInfo,
+    TelephonyClosed,
+    TelephonyError,
+    TelephonyLeg,
+    TelephonyWarning,
+)
+
+__all__ = [
+    "Call",
+    "CallHooks",
+    "CallOptions",
+    "CallRecord",
+    "CallState",
+    "EndReason",
+    "RecordSink",
+    "Tool",
+]
+
+log = logging.getLogger("callbridge.call")
+
+
+class EndReason(StrEnum):
+    """Why a call ended. Stable names: part of the public API and of the records."""
+
+    AGENT_ENDED = "agent_ended"
+    CALLER_HUNG_UP = "caller_hung_up"
+    AGENT_ERROR = "agent_error"
+    AGENT_UNREACHABLE = "agent_unreachable"
+    MAX_DURATION = "max_duration"
+    SILENCE_TIMEOUT = "silence_timeout"
+    TRANSFERRED = "transferred"
+    HANGUP_REQUESTED = "hangup_requested"
+    SHUTDOWN = "shutdown"
+    TELEPHONY_ERROR = "telephony_error"
+
+
+class CallState(StrEnum):
+    CONNECTING = "connecting"
+    ACTIVE = "active"
+    ENDING = "ending"
+    ENDED = "ended"
+
+
+_AGENT_FAILURES = frozenset({EndReason.AGENT_ERROR, EndReason.AGENT_UNREACHABLE})
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """Timers and limits of one call (the `CALLBRIDGE_*` settings feed these)."""
+
+    agent_connect_timeout: float = 10.0
+    max_call_seconds: float = 3600.0
+    silence_timeout: float | None = None
+    final_audio_timeout: float = 15.0
+    start_timeout: float = 10.0  # from socket open to Twilio's `start`
+    agent_close_grace: float = 5.0  # after end_call, how long the agent may take to close
+    hook_timeout: float = 10.0
+    tool_timeout: float = 20.0
+    close_timeout: float = 3.0  # closing each socket
+    persist_timeout: float = 10.0
+    fallback_twiml: str | None = None  # after an agent failure: redirect here instead of hanging up
+    silence_threshold: int = 600  # peak linear amplitude that counts as the caller speaking
+
+
+@dataclass
+class CallRecord:
+    """What is kept of a call: the database row and the JSON of the API."""
+
+    call_sid: str | None = None
+    stream_sid: str | None = None
+    conversation_id: str | None = None
+    direction: str = "inbound"
+    from_number: str | None = None
+    to_number: str | None = None
+    status: str = "active"
+    end_reason: str | None = None
+    end_detail: str | None = None
+    started_at: datetime | None = None
+    answered_at: datetime | None = None
+    ended_at: datetime | None = None
+    duration_s: float | None = None
+    transcript: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    custom_parameters: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["from"] = out.pop("from_number")
+        out["to"] = out.pop("to_number")
+        for key in ("started_at", "answered_at", "ended_at"):
+            value = out[key]
+            out[key] = value.isoformat() if value is not None else None
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+class RecordSink(Protocol):
+    """Where records go (the database store); `save` is called at start and at end."""
+
+    async def save(self, record: CallRecord) -> None: ...
+
+
+Hook = Callable[..., Any]
+Tool = Callable[[dict[str, Any]], Any]
+
+
+@dataclass
+class CallHooks:
+    """User code run at points of a call. Each may be sync or async; one that
+    raises or overruns `hook_timeout` is logged and never breaks the call."""
+
+    on_call_start: list[Callable[[Call], Any]] = field(default_factory=list)
+    on_call_end: list[Callable[[CallRecord], Any]] = field(default_factory=list)
+    # Runs when the agent's end_call tool fires, before the hang-up: it may log,
+    # or redirect the call (`await call.transfer(twiml)`).
+    on_agent_end_call: list[Callable[[Call], Any]] = field(default_factory=list)
+    # Sync only (called inline, per transcript line): for live transcripts, dashboards.
+    on_transcript: list[Callable[[Call, dict[str, Any]], None]] = field(default_factory=list)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Call:
+    """One phone call bridged to one agent session."""
+
+    def __init__(
+        self,
+        telephony: TelephonyLeg,
+        agent_factory: Callable[[StreamInfo], AgentSession],
+        control: CallControl | None,
+        options: CallOptions | None = None,
+        hooks: CallHooks | None = None,
+        tools: Mapping[str, Tool] | None = None,
+        sink: RecordSink | None = None,
+        context_factory: Callable[[StreamInfo], AgentCallContext] | None = None,
+        on_state: Callable[[Call], None] | None = None,
+    ) -> None:
+        self.telephony = telephony
+        self.agent: AgentSession | None = None
+        self._agent_factory = agent_factory
+        self.control = control
+        self.options = options or CallOptions()
+        self.hooks = hooks or CallHooks()
+        self.tools: Mapping[str, Tool] = tools or {}
+        self.sink = sink
+        self._context_factory = context_factory
+        self._on_state = on_state
+
+        self.state = CallState.CONNECTING
+        self.record = CallRecord()
+        self.info: StreamInfo | None = None
+        self.ready: AgentReady | None = None
+        self.end_reason: EndReason | None = None
+        self.end_detail: str = ""
+
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._t0 = loop.time()
+        self._end_requested = asyncio.Event()
+        self._done = asyncio.Event()
+        self._marks_drained = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._timers: list[asyncio.TimerHandle] = []
+        self._silence_timer: asyncio.TimerHandle | None = None
+        self._forward_caller = False
+        self._forward_agent = True
+        self._caller_gone = False  # the carrier told us the call is over
+        self._transferred = False
+        self._end_call_hooks_ran = False
+        self._last_mark_at: float | None = None
+        self._last_activity = loop.time()
+        self._to_agent: AudioConverter | None = None
+        self._to_caller: AudioConverter | None = None
+        self._connect_task: asyncio.Task[Any] | None = None
+        self.metrics: dict[str, Any] = {
+            "agent_connect_ms": None,
+            "hangup_latency_ms": None,
+            "final_audio_wait_ms": None,
+            "interruptions": 0,
+            "frames_from_caller": 0,
+            "frames_to_agent": 0,
+            "chunks_from_agent": 0,
+            "chunks_to_caller": 0,
+            "audio_to_caller_bytes": 0,
+            "stale_audio_dropped": 0,
+            "telephony_warnings": 0,
+            "agent_warnings": 0,
+            "tool_calls": 0,
+            "hook_errors": 0,
+        }
+
+    # -- public --------------------------------------------------------------
+
+    @property
+    def call_sid(self) -> str | None:
+        return self.info.call_sid if self.info else None
+
+    @property
+    def conversation_id(self) -> str | None:
+        return self.ready.conversation_id if self.ready else None
+
+    @property
+    def elapsed(self) -> float:
+        return self._loop.time() - self._t0
+
+    def request_end(self, reason: EndReason, detail: str = "") -> bool:
+        """Ask the call to end. The first request wins and returns True."""
+        if self.end_reason is not None:
+            log_event(
+                log,
+                "call.end_ignored",
+                logging.DEBUG,
+                call_sid=self.call_sid,
+                reason=reason.value,
+                kept=self.end_reason.value,
+            )
+            return False
+        self.end_reason = reason
+        self.end_detail = detail
+        self._forward_caller = False
+        self._end_requested.set()
+        return True
+
+    def carrier_ended(self, detail: str) -> None:
+        """The carrier reports the call over (e.g. a status callback): nothing to hang up."""
+        self._caller_gone = True
+        self._marks_drained.set()
+        self.request_end(EndReason.CALLER_HUNG_UP, detail)
+
+    async def end(self, reason: EndReason, detail: str = "") -> CallRecord:
+        """End the call (first request wins) and wait until teardown has finished."""
+        self.request_end(reason, detail)
+        await self._done.wait()
+        return self.record
+
+    async def wait_done(self) -> CallRecord:
+        await self._done.wait()
+        return self.record
+
+    async def transfer(self, twiml: str, detail: str = "") -> None:
+        """Redirect the phone leg to other TwiML (a `<Dial>` to a person, a queue...)."""
+        if self.call_sid is None or self.control is None:
+            raise CallControlError("the call cannot be transferred: no call control")
+        await self.control.redirect(self.call_sid, twiml)
+        self._transferred = True
+        self.request_end(EndReason.TRANSFERRED, detail or "redirected")
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _mark(self, event: str, **data: Any) -> None:
+        self.record.timeline.append({"t": round(self.elapsed, 3), "event": event, **data})
+
+    def _set_state(self, state: CallState) -> None:
+        self.state = state
+        if self._on_state is not None:
+            try:
+                self._on_state(self)
+            except Exception:
+                log.exception("state observer failed")
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("task %s of call %s failed: %r", task.get_name(), self.call_sid, exc, exc_info=exc)
+            self.request_end(EndReason.TELEPHONY_ERROR, f"internal error in {task.get_name()}: {exc!r}")
+
+    async def run(self) -> CallRecord:
+        """Bridge the call until it ends; returns the final record. Never raises,
+        except `CancelledError` after a completed teardown."""
+        cancelled = False
+        try:
+            await self._run_until_end_requested()
+        except asyncio.CancelledError:
+            cancelled = True
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            self.request_end(EndReason.SHUTDOWN, "bridge task cancelled")
+        except Exception as exc:
+            log.exception("call %s failed", self.call_sid)
+            self.request_end(EndReason.TELEPHONY_ERROR, f"internal error: {exc!r}")
+        await self._teardown()
+        if cancelled:
+            raise asyncio.CancelledError
+        return self.record
+
+    async def _run_until_end_requested(self) -> None:
+        self.record.started_at = _now()
+        try:
+            info = await asyncio.wait_for(self.telephony.start(), self.options.start_timeout)
+        except TimeoutError:
+            self.request_end(EndReason.TELEPHONY_ERROR, "no start message from the media stream")
+            return
+        except TelephonyError as exc:
+            self.request_end(EndReason.TELEPHONY_ERROR, str(exc))
+            return
+        self.info = info
+        self._set_state(CallState.CONNECTING)  # observers learn the call SID now
+        rec = self.record
+        rec.call_sid, rec.stream_sid = info.call_sid, info.stream_sid
+        # cb_* parameters are the bridge's own (the stream token): never kept in records.
+        rec.custom_parameters = {k: v for k, v in info.custom_parameters.items() if not k.startswith("cb_")}
+        ctx = (
+            self._context_factory(info)
+            if self._context_factory
+            else AgentCallContext(call_sid=info.call_sid, stream_sid=info.stream_sid)
+        )
+        rec.direction = ctx.direction
+        rec.from_number, rec.to_number = ctx.from_number, ctx.to_number
+        self._mark("call.started")
+        log_event(
+            log,
+            "call.started",
+            call_sid=info.call_sid,
+            stream_sid=info.stream_sid,
+            direction=ctx.direction,
+        )
+        await self._persist("start")
+        for hook in self.hooks.on_call_start:
+            await self._run_hook("on_call_start", hook, self)
+
+        # Timers start with the call: the caller may hang up, or the call overrun,
+        # while the agent is still connecting.
+        self._timers.append(
+            self._loop.call_later(
+                self.options.max_call_seconds,
+                self.request_end,
+                EndReason.MAX_DURATION,
+                f"call exceeded {self.options.max_call_seconds:g}s",
+            )
+        )
+        self._spawn(self._read_telephony(), "telephony-reader")
+        if self._end_requested.is_set():
+            return
+
+        connect = self._connect_task = self._spawn(self._connect_agent(info, ctx), "agent-connect")
+        ended = asyncio.ensure_future(self._end_requested.wait())
+        try:
+            await asyncio.wait({connect, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+        if self._end_requested.is_set():
+            return
+        await self._end_requested.wait()
+
+    async def _connect_agent(self, info: StreamInfo, ctx: AgentCallContext) -> None:
+        t = self._loop.time()
+        try:
+            self.agent = self._agent_factory(info)
+            async with asyncio.timeout(self.options.agent_connect_timeout):
+                ready = await self.agent.connect(ctx)
+            self._to_agent = telephony_to_agent(parse_format(ready.input_format))
+            self._to_caller = agent_to_telephony(parse_format(ready.output_format))
+        except TimeoutError:
+            self.request_end(
+                EndReason.AGENT_UNREACHABLE,
+                f"no conversation metadata within {self.options.agent_connect_timeout:g}s",
+            )
+            return
+        except AgentUnreachable as exc:
+            self.request_end(EndReason.AGENT_UNREACHABLE, str(exc))
+            return
+        except ValueError as exc:  # an audio format we cannot convert
+            self.request_end(EndReason.AGENT_ERROR, str(exc))
+            return
+        self.ready = ready
+        self.metrics["agent_connect_ms"] = round((self._loop.time() - t) * 1000, 1)
+        self.record.conversation_id = ready.conversation_id
+        self.record.answered_at = _now()
+        self._mark("agent.connected", conversation_id=ready.conversation_id)
+        log_event(
+            log,
+            "agent.connected",
+            call_sid=self.call_sid,
+            conversation_id=ready.conversation_id,
+            input_format=ready.input_format,
+            output_format=ready.output_format,
+            connect_ms=self.metrics["agent_connect_ms"],
+        )
+        if self.end_reason is not None:
+            return
+        self._set_state(CallState.ACTIVE)
+        self._forward_caller = True
+        self._last_activity = self._loop.time()
+        if self.options.silence_timeout:
+            self._arm_silence_timer(self.options.silence_timeout)
+        self._spawn(self._read_agent(), "agent-reader")
+
+    # -- caller side ---------------------------------------------------------
+
+    async def _read_telephony(self) -> None:
+        m = self.metrics
+        silence_check = self.options.silence_timeout is not None
+        threshold = self.options.silence_threshold
+        async for event in self.telephony.events():
+            if type(event) is CallerAudio:
+                m["frames_from_caller"] += 1
+                if silence_check and ulaw_peak(event.payload) >= threshold:
+                    self._last_activity = self._loop.time()
+                if not self._forward_caller:
+                    continue
+                agent, conv = self.agent, self._to_agent
+                if agent is None or conv is None:
+                    continue
+                if conv.passthrough:
+                    await agent.send_audio(event.payload, event.b64)
+                else:
+                    out = conv.convert(event.payload)
+                    if out:
+                        await agent.send_audio(out)
+                m["frames_to_agent"] += 1
+            elif type(event) is MarkPlayed:
+                self._on_mark(event)
+            elif type(event) is CallerHungUp:
+                self._caller_gone = True
+                self._marks_drained.set()
+                self._mark("caller.stop")
+                self.request_end(EndReason.CALLER_HUNG_UP, event.detail or "stop received")
+            elif type(event) is TelephonyClosed:
+                self._marks_drained.set()
+                if not event.by_bridge:
+                    self._mark("telephony.closed", code=event.code)
+                    if not self._caller_gone:
+                        detail = (
+                            f"media stream closed without stop (code {event.code})"
+                            if event.code is not None
+                            else "media stream connection lost"
+                        )
+                        self.request_end(EndReason.TELEPHONY_ERROR, detail)
+                return
+            elif type(event) is Dtmf:
+                self._mark("caller.dtmf", digit=event.digit)
+                log_event(log, "caller.dtmf", call_sid=self.call_sid, digit=event.digit)
+            elif type(event) is TelephonyWarning:
+                m["telephony_warnings"] += 1
+                log_event(
+                    log, "twilio.bad_input", logging.WARNING, call_sid=self.call_sid, problem=event.reason
+                )
+
+    def _on_mark(self, event: MarkPlayed) -> None:
+        if not event.known:
+            self.metrics["telephony_warnings"] += 1
+            log_event(log, "twilio.unknown_mark", logging.WARNING, call_sid=self.call_sid, mark=event.name)
+            return
+        now = self._loop.time()
+        self._last_activity = now
+        if self.telephony.pending_marks == 0:
+            self._last_mark_at = now
+            self._marks_drained.set()
+
+    def _arm_silence_timer(self, delay: float) -> None:
+        self._silence_timer = self._loop.call_later(delay, self._silence_check)
+
+    def _silence_check(self) -> None:
+        timeout = self.options.silence_timeout
+        if timeout is None or self.end_reason is not None:
+            return
+        # Agent speech still playing counts as activity: silence is nobody talking.
+        if self.telephony.pending_marks:
+            self._last_activity = self._loop.time()
+        idle = self._loop.time() - self._last_activity
+        if idle >= timeout:
+            self.request_end(EndReason.SILENCE_TIMEOUT, f"no caller speech for {idle:.0f}s")
+        else:
+            self._arm_silence_timer(timeout - idle)
+
+    # -- agent side ----------------------------------------------------------
+
+    async def _read_agent(self) -> None:
+        agent = self.agent
+        assert agent is not None
+        m = self.metrics
+        async for event in agent.events():
+            if type(event) is AgentAudio:
+                m["chunks_from_agent"] += 1
+                conv = self._to_caller
+                if not self._forward_agent or conv is None:
+                    continue
+                if conv.passthrough:
+                    await self.telephony.send_audio(event.payload, event.b64)
+                    m["audio_to_caller_bytes"] += len(event.payload)
+                else:
+                    out = conv.convert(event.payload)
+                    if not out:
+                        continue
+                    await self.telephony.send_audio(out)
+                    m["audio_to_caller_bytes"] += len(out)
+                m["chunks_to_caller"] += 1
+                self._marks_drained.clear()
+            elif type(event) is AgentInterrupted:
+                m["interruptions"] += 1
+                self._mark("agent.interrupted")
+                if self._to_caller is not None:
+                    self._to_caller.reset()  # the resampler's tail belongs to the cleared speech
+                await self.telephony.clear()
+            elif type(event) is AgentTranscript:
+                self._on_transcript(event)
+            elif type(event) is ToolCallRequest:
+                m["tool_calls"] += 1
+                self._spawn(self._run_tool(agent, event), f"tool-{event.name}")
+            elif type(event) is AgentToolUsed:
+                self._mark("agent.tool", name=event.name, is_error=event.is_error)
+                if event.ends_call:
+                    await self._on_end_call()
+            elif type(event) is AgentWarning:
+                m["agent_warnings"] += 1
+                log_event(
+                    log,
+                    "agent.bad_input",
+                    logging.WARNING,
+                    call_sid=self.call_sid,
+                    conversation_id=self.conversation_id,
+                    problem=event.reason,
+                )
+            elif type(event) is AgentClosed:
+                if event.by_agent:
+                    await self._flush_agent_audio()
+                self._on_agent_closed(event)
+                return
+
+    async def _flush_agent_audio(self) -> None:
+        """Send what the resampler still holds: the last milliseconds of the goodbye."""
+        conv = self._to_caller
+        if conv is None or conv.passthrough or not self._forward_agent:
+            return
+        tail = conv.flush()
+        if tail:
+            await self.telephony.send_audio(tail)
+            self.metrics["audio_to_caller_bytes"] += len(tail)
+            self._marks_drained.clear()
+
+    def _on_transcript(self, event: AgentTranscript) -> None:
+        entry = {"role": event.role, "text": event.text, "t": round(self.elapsed, 3)}
+        transcript = self.record.transcript
+        if event.corrects is not None:
+            # An interrupted agent line: keep what the caller actually heard.
+            for old in reversed(transcript):
+                if old["role"] == "agent" and old["text"] == event.corrects:
+                    old["text"] = event.text
+                    old["interrupted"] = True
+                    break
+            else:
+                transcript.append(entry | {"interrupted": True})
+        else:
+            transcript.append(entry)
+        for hook in self.hooks.on_transcript:
+            try:
+                hook(self, entry)
+            except Exception as exc:
+                self.metrics["hook_errors"] += 1
+                log.error("hook on_transcript of call %s raised %r", self.call_sid, exc)
+        log_event(
+            log, "call.transcript", logging.DEBUG, call_sid=self.call_sid, role=event.role, text=event.text
+        )
+
+    async def _on_end_call(self) -> None:
+        self._mark("agent.end_call")
+        log_event(log, "agent.end_call", call_sid=self.call_sid, conversation_id=self.conversation_id)
+        if not self._end_call_hooks_ran:
+            self._end_call_hooks_ran = True
+            for hook in self.hooks.on_agent_end_call:
+                await self._run_hook("on_agent_end_call", hook, self)
+        # The agent closes its socket right after end_call; if it does not, end anyway.
+        self._timers.append(
+            self._loop.call_later(
+                self.options.agent_close_grace,
+                self.request_end,
+                EndReason.AGENT_ENDED,
+                "end_call (the agent did not close its socket)",
+            )
+        )
+
+    def _on_agent_closed(self, event: AgentClosed) -> None:
+        self._mark("agent.closed", code=event.code, detail=event.detail)
+        if event.by_agent:
+            self.request_end(EndReason.AGENT_ENDED, event.detail)
+        else:
+            self.request_end(EndReason.AGENT_ERROR, event.detail)
+
+    async def _run_tool(self, agent: AgentSession, req: ToolCallRequest) -> None:
+        tool = self.tools.get(req.name)
+        self._mark("tool.call", name=req.name)
+        if tool is None:
+            result, is_error = f"unknown tool {req.name!r}", True
+        else:
+            try:
+                async with asyncio.timeout(self.options.tool_timeout):
+                    value = tool(req.parameters)
+                    if inspect.isawaitable(value):
+                        value = await value
+                result = value if isinstance(value, str) else json.dumps(value, default=str)
+                is_error = False
+            except TimeoutError:
+                result, is_error = f"tool {req.name!r} timed out", True
+            except Exception as exc:
+                result, is_error = f"tool {req.name!r} failed: {exc}", True
+        if is_error:
+            log_event(log, "tool.error", logging.WARNING, call_sid=self.call_sid, tool=req.name, error=result)
+        await agent.send_tool_result(req.call_id, result, is_error)
+
+    # -- hooks ---------------------------------------------------------------
+
+    async def _run_hook(self, label: str, hook: Hook, *args: Any) -> None:
+        try:
+            async with asyncio.timeout(self.options.hook_timeout):
+                value = hook(*args)
+                if inspect.isawaitable(value):
+                    await value
+        except TimeoutError:
+            self.metrics["hook_errors"] += 1
+            log_event(
+                log,
+                "hook.timeout",
+                logging.ERROR,
+                call_sid=self.call_sid,
+                hook=label,
+                timeout_s=self.options.hook_timeout,
+            )
+        except Exception as exc:
+            self.metrics["hook_errors"] += 1
+            log.error("hook %s of call %s raised %r", label, self.call_sid, exc, exc_info=exc)
+
+    # -- teardown ------------------------------------------------------------
+
+    async def _teardown(self) -> None:
+        reason = self.end_reason or EndReason.TELEPHONY_ERROR
+        self.end_reason = reason
+        self._set_state(CallState.ENDING)
+        self._forward_caller = False
+        t_end = self._loop.time()
+        self._mark("call.ending", reason=reason.value)
+        log_event(
+            log,
+            "call.ending",
+            call_sid=self.call_sid,
+            conversation_id=self.conversation_id,
+            reason=reason.value,
+            detail=self.end_detail,
+        )
+        for timer in self._timers:
+            timer.cancel()
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+        if self._connect_task is not None and not self._connect_task.done():
+            # A connect still under way must not open a session after we closed it.
+            self._connect_task.cancel()
+            await asyncio.gather(self._connect_task, return_exceptions=True)
+
+        for step in (self._step_final_audio, self._step_phone_leg, self._step_close_agent):
+            try:
+                await step(reason)
+            except Exception:
+                log.exception("teardown step %s of call %s failed", step.__name__, self.call_sid)
+        try:
+            await asyncio.wait_for(self.telephony.close(), self.options.close_timeout)
+        except Exception:
+            log.warning("closing the media stream of call %s failed", self.call_sid)
+        await self._cancel_tasks()
+
+        rec = self.record
+        rec.status = "ended"
+        rec.end_reason = reason.value
+        rec.end_detail = self.end_detail or None
+        rec.ended_at = _now()
+        if rec.started_at is not None:
+            rec.duration_s = round((rec.ended_at - rec.started_at).total_seconds(), 3)
+        protocol = getattr(self.agent, "protocol", None)
+        if protocol is not None:
+            self.metrics["stale_audio_dropped"] = getattr(protocol, "stale_audio_dropped", 0)
+        self.metrics["teardown_ms"] = round((self._loop.time() - t_end) * 1000, 1)
+        rec.metrics = dict(self.metrics)
+        self._mark("call.ended", reason=reason.value)
+        await self._persist("end")
+        for hook in self.hooks.on_call_end:
+            await self._run_hook("on_call_end", hook, rec)
+        self._set_state(CallState.ENDED)
+        log_event(
+            log,
+            "call.ended",
+            call_sid=self.call_sid,
+            conversation_id=self.conversation_id,
+            reason=reason.value,
+            detail=self.end_detail or None,
+            duration_s=rec.duration_s,
+            agent_connect_ms=self.metrics["agent_connect_ms"],
+            hangup_latency_ms=self.metrics["hangup_latency_ms"],
+        )
+        self._done.set()
+
+    async def _step_final_audio(self, reason: EndReason) -> None:
+        if reason is not EndReason.AGENT_ENDED or self._caller_gone or not self.telephony.is_open:
+            return
+        # Audio the agent sends from now on would not be heard in full: stop taking it,
+        # so that the last mark sent is the last one we wait for.
+        self._forward_agent = False
+        if self.telephony.pending_marks == 0:
+            return
+        # pending_marks > 0 implies the event was cleared after the last chunk was sent.
+        t = self._loop.time()
+        try:
+            await asyncio.wait_for(self._marks_drained.wait(), self.options.final_audio_timeout)
+        except TimeoutError:
+            log_event(
+                log,
+                "call.final_audio_timeout",
+                logging.WARNING,
+                call_sid=self.call_sid,
+                pending_marks=self.telephony.pending_marks,
+            )
+        self.metrics["final_audio_wait_ms"] = round((self._loop.time() - t) * 1000, 1)
+
+    async def _step_phone_leg(self, reason: EndReason) -> None:
+        call_sid = self.call_sid
+        if call_sid is None or self.control is None:
+            return
+        if self._caller_gone or self._transferred or reason is EndReason.TRANSFERRED:
+            return
+        fallback = self.options.fallback_twiml
+        if reason in _AGENT_FAILURES and fallback:
+            try:
+                await self.control.redirect(call_sid, fallback)
+                self._mark("twilio.redirect", to="fallback")
+                log_event(log, "twilio.redirect", call_sid=call_sid, to="fallback")
+                self.end_detail = f"{self.end_detail} (redirected to fallback)".strip()
+                return
+            except CallControlError as exc:
+                log_event(log, "twilio.redirect_failed", logging.ERROR, call_sid=call_sid, error=str(exc))
+                # fall through: a caller in silence is worse than a dropped call
+        t = self._loop.time()
+        if self._last_mark_at is not None and reason is EndReason.AGENT_ENDED:
+            self.metrics["hangup_latency_ms"] = round((t - self._last_mark_at) * 1000, 1)
+        try:
+            outcome = await self.control.hangup(call_sid)
+        except CallControlError as exc:
+            self._mark("twilio.hangup_failed", error=str(exc))
+            log_event(log, "twilio.hangup_failed", logging.ERROR, call_sid=call_sid, error=str(exc))
+            return
+        self._mark("twilio.hangup", outcome=outcome.value)
+        log_event(
+            log,
+            "twilio.hangup",
+            call_sid=call_sid,
+            outcome=outcome.value,
+            request_ms=round((self._loop.time() - t) * 1000, 1),
+            after_last_mark_ms=self.metrics["hangup_latency_ms"],
+        )
+        if outcome is HangupOutcome.ALREADY_ENDED:
+            self._caller_gone = True
+
+    async def _step_close_agent(self, reason: EndReason) -> None:
+        if self.agent is not None:
+            await asyncio.wait_for(self.agent.close(), self.options.close_timeout)
+
+    async def _cancel_tasks(self) -> None:
+        me = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not me]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _persist(self, when: str) -> None:
+        # A stream refused or broken before `start` names no call of ours: nothing to keep.
+        if self.sink is None or self.info is None:
+            return
+        if when == "start":
+            self.record.status = "active"
+        try:
+            await asyncio.wait_for(self.sink.save(self.record), self.options.persist_timeout)
+        except Exception as exc:
+            log_event(
+                log, "record.save_failed", logging.ERROR, call_sid=self.call_sid, when=when, error=repr(exc)
+            )

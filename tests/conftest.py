@@ -1,0 +1,109 @@
+"""Shared fixtures: the two emulators, a bridge wired to them, and a leak check after every test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from callbridge.agents.elevenlabs.session import ElevenLabsConfig, session_factory
+from callbridge.bridge import Bridge
+from callbridge.call import CallHooks, CallOptions, CallRecord, Tool
+from callbridge.emulators.twilio import TwilioEmulator
+from callbridge.telephony.twilio.control import RetryPolicy, TwilioCallControl
+
+ACCOUNT_SID = "AC" + "1" * 32
+AUTH_TOKEN = "test-auth-token"
+
+
+def _open_fds() -> set[str]:
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.add(f"{fd}:{os.readlink(f'/proc/self/fd/{fd}')}")
+        except OSError:
+            pass
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads() -> Iterator[None]:
+    """Runs outside the event loop: after the loop is closed, no thread of ours is left."""
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    for t in threading.enumerate():
+        if t.ident not in before:
+            t.join(timeout=2)
+    left = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    assert not left, f"threads left behind: {left}"
+
+
+@pytest.fixture(autouse=True)
+async def no_leaked_tasks_or_sockets() -> AsyncIterator[None]:
+    fds_before = _open_fds()
+    yield
+    for _ in range(3):
+        await asyncio.sleep(0)
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    assert not tasks, f"tasks left behind: {tasks}"
+    sockets = {f for f in _open_fds() - fds_before if "socket:" in f}
+    assert not sockets, f"sockets left open: {sockets}"
+
+
+@dataclass
+class Harness:
+    """A bridge wired to the Twilio emulator (REST + streams) and the agent emulator."""
+
+    bridge: Bridge
+    control: TwilioCallControl
+    twilio: TwilioEmulator
+    records: list[CallRecord] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add_record(self, record: CallRecord) -> None:
+        self.records.append(record)
+        self._changed.set()
+
+    async def wait_records(self, n: int, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.records) < n:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def make_bridge(
+    twilio: TwilioEmulator,
+    agent_base_url: str,
+    options: CallOptions | None = None,
+    hooks: CallHooks | None = None,
+    tools: dict[str, Tool] | None = None,
+    agent_id: str = "agent_test",
+    api_key: str | None = None,
+    retry: RetryPolicy | None = None,
+) -> Harness:
+    control = TwilioCallControl(
+        ACCOUNT_SID,
+        AUTH_TOKEN,
+        twilio.base_url,
+        retry=retry
+        or RetryPolicy(attempts=4, base_delay=0.05, max_delay=1.5, deadline=6.0, request_timeout=2.0),
+    )
+    hooks = hooks or CallHooks()
+    harness = Harness(bridge=None, control=control, twilio=twilio)  # type: ignore[arg-type]
+    hooks.on_call_end.append(harness.add_record)
+    factory = session_factory(
+        ElevenLabsConfig(agent_id=agent_id, api_key=api_key, api_base_url=agent_base_url)
+    )
+    harness.bridge = Bridge(factory, control, options or CallOptions(), hooks, tools)
+    return harness
+
+
+@pytest.fixture
+async def twilio() -> AsyncIterator[TwilioEmulator]:
+    async with TwilioEmulator(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN) as tw:
+        yield tw
