@@ -1,0 +1,336 @@
+"""`callbridge`: serve, place calls, read call records, run the offline demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from callbridge.config import ConfigError, Settings
+from callbridge.logs import JsonFormatter
+
+__all__ = ["main"]
+
+
+class CliError(Exception):
+    """One clear line for the user, no traceback."""
+
+
+def configure_logging(level: str = "info", json_logs: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json_logs:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # The twilio SDK logs request headers and bodies at INFO/DEBUG: keep them out.
+    logging.getLogger("twilio").setLevel(logging.WARNING)
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+
+
+def _settings(args: argparse.Namespace, require: tuple[str, ...]) -> Settings:
+    overrides = {
+        "public_url": getattr(args, "public_url", None),
+        "database_url": getattr(args, "database_url", None),
+        "max_call_seconds": getattr(args, "max_call_seconds", None),
+        "max_concurrent_calls": getattr(args, "max_concurrent_calls", None),
+    }
+    try:
+        return Settings.from_env(overrides=overrides, require=require)
+    except ConfigError as exc:
+        raise CliError("configuration: " + "; ".join(exc.problems)) from None
+
+
+# -- serve ------------------------------------------------------------------------
+
+
+def _serve_settings(args: argparse.Namespace | None) -> Settings:
+    if args is None:  # a worker process: the parent put every flag in the environment
+        try:
+            return Settings.from_env(require=("twilio", "agent", "public_url"))
+        except ConfigError as exc:
+            raise CliError("configuration: " + "; ".join(exc.problems)) from None
+    return _settings(args, ("twilio", "agent", "public_url"))
+
+
+def _run_server(settings: Settings, host: str, port: int, sockets: list[Any] | None = None) -> None:
+    from callbridge.server.app import create_app
+    from callbridge.server.run import GracefulServer, make_config
+
+    app = create_app(settings)
+    server = GracefulServer(make_config(app, host, port), app.state.callbridge)
+    server.run(sockets=sockets)
+
+
+def _worker(sockets: list[Any] | None = None) -> None:
+    configure_logging(
+        os.environ.get("CALLBRIDGE_LOG_LEVEL", "info"), os.environ.get("CALLBRIDGE_JSON_LOGS") == "1"
+    )
+    _run_server(_serve_settings(None), "0.0.0.0", 0, sockets)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _serve_settings(args)
+    configure_logging(args.log_level, args.json_logs)
+    if not settings.api_token:
+        logging.getLogger("callbridge").warning(
+            "CALLBRIDGE_API_TOKEN is not set: the /calls API answers 503 until it is"
+        )
+    if args.workers <= 1:
+        _run_server(settings, args.host, args.port)
+        return 0
+    # Each worker is its own process with its own calls, built from the environment
+    # (flags are put there first); SIGTERM is forwarded and each worker drains its calls.
+    from callbridge.config import ENV_VARS
+
+    for name in ("public_url", "database_url", "max_call_seconds", "max_concurrent_calls"):
+        value = getattr(args, name, None)
+        if value is not None:
+            os.environ[ENV_VARS[name]] = str(value)
+    os.environ["CALLBRIDGE_LOG_LEVEL"] = args.log_level
+    os.environ["CALLBRIDGE_JSON_LOGS"] = "1" if args.json_logs else "0"
+    _supervise(args.host, args.port, args.workers)
+    return 0
+
+
+def _supervise(host: str, port: int, workers: int) -> None:
+    import multiprocessing
+    import signal
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, kwargs={"sockets": [sock]}, daemon=False) for _ in range(workers)]
+    for proc in procs:
+        proc.start()
+
+    def forward(sig: int, _frame: Any) -> None:
+        for proc in procs:
+            if proc.pid is not None and proc.is_alive():
+                os.kill(proc.pid, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for proc in procs:
+        proc.join()
+    sock.close()
+
+
+# -- call -------------------------------------------------------------------------
+
+
+def _parse_vars(pairs: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise CliError(f"--var takes NAME=VALUE, got {pair!r}")
+        out[name] = value
+    return out
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    import httpx
+
+    body: dict[str, Any] = {"to": args.to, "from": args.from_}
+    if args.var:
+        body["dynamic_variables"] = _parse_vars(args.var)
+    if args.agent_id:
+        body["agent_id"] = args.agent_id
+    token = os.environ.get("CALLBRIDGE_API_TOKEN")
+    if not token:
+        raise CliError("CALLBRIDGE_API_TOKEN is required to place a call through the server's API")
+    url = args.server.rstrip("/") + "/calls"
+    try:
+        resp = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=15)
+    except httpx.HTTPError as exc:
+        raise CliError(f"cannot reach the callbridge server at {args.server}: {type(exc).__name__}") from None
+    if resp.status_code != 201:
+        try:
+            message = resp.json().get("error", resp.text)
+        except ValueError:
+            message = resp.text
+        raise CliError(f"call not placed: HTTP {resp.status_code}: {message}")
+    record = resp.json()
+    print(f"calling {args.to} from {args.from_}: call {record['call_sid']}")
+    return 0
+
+
+# -- calls list / show --------------------------------------------------------------
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def _short_time(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S")
+
+
+async def _calls(args: argparse.Namespace) -> int:
+    from callbridge.store import CallStore
+
+    settings = _settings(args, ())
+    store = CallStore(settings.database_url)
+    try:
+        await store.init()
+        if args.calls_cmd == "show":
+            record = await store.get(args.call_sid)
+            if record is None:
+                raise CliError(f"no call {args.call_sid} in {settings.database_url}")
+            if args.json:
+                print(json.dumps(record, indent=2))
+                return 0
+            print(_render_record(record))
+            return 0
+        since = datetime.fromisoformat(args.since) if args.since else None
+        page = await store.list_calls(
+            status=args.status, end_reason=args.end_reason, since=since, limit=args.limit
+        )
+        if args.json:
+            print(json.dumps(page.items, indent=2))
+            return 0
+        rows = [
+            [
+                r["call_sid"],
+                _short_time(r["started_at"]),
+                r["direction"],
+                r["from"] or "-",
+                r["to"] or "-",
+                r["status"],
+                r["end_reason"] or "-",
+                f"{r['duration_s']:.1f}s" if r["duration_s"] is not None else "-",
+            ]
+            for r in page.items
+        ]
+        print(_table(rows, ["CALL SID", "STARTED", "DIR", "FROM", "TO", "STATUS", "END REASON", "DURATION"]))
+        if page.next_offset is not None:
+            print(f"(more: --limit {args.limit * 2})")
+        return 0
+    finally:
+        await store.close()
+
+
+def _render_record(r: dict[str, Any]) -> str:
+    m = r.get("metrics") or {}
+    lines = [
+        f"call {r['call_sid']}  ({r['direction']}, {r['from'] or '?'} -> {r['to'] or '?'})",
+        f"  status        {r['status']}  end reason: {r['end_reason'] or '-'}  "
+        f"{r['end_detail'] or ''}".rstrip(),
+        f"  started       {_short_time(r['started_at'])}   ended {_short_time(r['ended_at'])}"
+        f"   duration {r['duration_s'] if r['duration_s'] is not None else '-'} s",
+        f"  conversation  {r['conversation_id'] or '-'}",
+        f"  agent connect {m.get('agent_connect_ms', '-')} ms   hang-up after last mark "
+        f"{m.get('hangup_latency_ms', '-')} ms   interruptions {m.get('interruptions', 0)}",
+        "  transcript:",
+    ]
+    for entry in r.get("transcript") or []:
+        lines.append(f"    [{entry['t']:7.2f}] {entry['role']:>6}: {entry['text']}")
+    return "\n".join(lines)
+
+
+def cmd_calls(args: argparse.Namespace) -> int:
+    return asyncio.run(_calls(args))
+
+
+# -- demo -------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from callbridge.demo import run_demo
+
+    configure_logging("warning" if not args.verbose else "info")
+    code: int = asyncio.run(run_demo(verbose=args.verbose))
+    return code
+
+
+# -- main -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="callbridge",
+        description="Bridge Twilio phone calls to a voice AI agent, and never leave a call dangling.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server a Twilio number points at")
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--public-url", help="the https URL Twilio reaches (CALLBRIDGE_PUBLIC_URL)")
+    serve.add_argument("--database-url", help="SQLAlchemy URL of the records (CALLBRIDGE_DATABASE_URL)")
+    serve.add_argument(
+        "--max-call-seconds", type=float, help="max call duration (CALLBRIDGE_MAX_CALL_SECONDS)"
+    )
+    serve.add_argument(
+        "--max-concurrent-calls", type=int, help="calls one process takes (CALLBRIDGE_MAX_CONCURRENT_CALLS)"
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--json-logs", action="store_true", help="one JSON object per log line")
+    serve.set_defaults(func=cmd_serve)
+
+    call = sub.add_parser("call", help="place an outbound call through the running server's API")
+    call.add_argument("to", help="number to call, E.164 (+15551234567)")
+    call.add_argument("--from", dest="from_", required=True, help="your Twilio number, E.164")
+    call.add_argument("--var", action="append", default=[], help="dynamic variable NAME=VALUE (repeatable)")
+    call.add_argument("--agent-id", help="another agent than ELEVENLABS_AGENT_ID for this call")
+    call.add_argument("--server", default="http://127.0.0.1:8000", help="the callbridge server's URL")
+    call.set_defaults(func=cmd_call)
+
+    calls = sub.add_parser("calls", help="read call records from the database")
+    calls_sub = calls.add_subparsers(dest="calls_cmd", required=True)
+    lst = calls_sub.add_parser("list", help="recent calls, newest first")
+    lst.add_argument("--status", choices=["active", "ended"])
+    lst.add_argument("--end-reason")
+    lst.add_argument("--since", help="ISO 8601 time")
+    lst.add_argument("--limit", type=int, default=20)
+    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--database-url")
+    show = calls_sub.add_parser("show", help="one call with its transcript and timings")
+    show.add_argument("call_sid")
+    show.add_argument("--json", action="store_true")
+    show.add_argument("--database-url")
+    calls.set_defaults(func=cmd_calls)
+
+    demo = sub.add_parser("demo", help="an offline end-to-end call on the built-in emulators")
+    demo.add_argument("--verbose", action="store_true", help="show the bridge's log lines too")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except CliError as exc:
+        print(f"callbridge: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

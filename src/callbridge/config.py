@@ -1,0 +1,188 @@
+"""Settings from the environment (and `callbridge serve` flags), validated once at start.
+
+The variable names are public API: deployments depend on them. Every problem is
+reported at once, one clear line each, and no secret is ever echoed back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+from callbridge.call import CallOptions
+
+__all__ = ["ConfigError", "Settings", "async_database_url"]
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///callbridge.db"
+SECRET_FIELDS = frozenset({"twilio_auth_token", "elevenlabs_api_key", "api_token"})
+
+
+class ConfigError(Exception):
+    """Bad or missing settings; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def async_database_url(url: str) -> str:
+    """Give a plain SQLAlchemy URL its async driver: users write `postgresql://...`."""
+    if url.startswith("sqlite:"):
+        return "sqlite+aiosqlite:" + url[len("sqlite:") :]
+    for plain in ("postgresql:", "postgres:"):
+        if url.startswith(plain):
+            return "postgresql+asyncpg:" + url[len(plain) :]
+    return url
+
+
+# env var -> (field, kind, required_for)
+_VARS: dict[str, tuple[str, str]] = {
+    "TWILIO_ACCOUNT_SID": ("twilio_account_sid", "str"),
+    "TWILIO_AUTH_TOKEN": ("twilio_auth_token", "str"),
+    "TWILIO_API_BASE_URL": ("twilio_api_base_url", "url"),
+    "ELEVENLABS_AGENT_ID": ("elevenlabs_agent_id", "str"),
+    "ELEVENLABS_API_KEY": ("elevenlabs_api_key", "str"),
+    "ELEVENLABS_API_BASE_URL": ("elevenlabs_api_base_url", "url"),
+    "CALLBRIDGE_PUBLIC_URL": ("public_url", "url"),
+    "CALLBRIDGE_DATABASE_URL": ("database_url", "str"),
+    "CALLBRIDGE_API_TOKEN": ("api_token", "str"),
+    "CALLBRIDGE_MAX_CALL_SECONDS": ("max_call_seconds", "pos_float"),
+    "CALLBRIDGE_MAX_CONCURRENT_CALLS": ("max_concurrent_calls", "pos_int"),
+    "CALLBRIDGE_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", "nonneg_float"),
+    "CALLBRIDGE_AGENT_CONNECT_TIMEOUT_SECONDS": ("agent_connect_timeout", "pos_float"),
+    "CALLBRIDGE_FINAL_AUDIO_TIMEOUT_SECONDS": ("final_audio_timeout", "pos_float"),
+    "CALLBRIDGE_SILENCE_TIMEOUT_SECONDS": ("silence_timeout", "pos_float"),
+    "CALLBRIDGE_FALLBACK_TWIML": ("fallback_twiml", "twiml"),
+}
+ENV_VARS: dict[str, str] = {field: var for var, (field, _kind) in _VARS.items()}
+
+
+@dataclass(frozen=True)
+class Settings:
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = ""
+    twilio_api_base_url: str = "https://api.twilio.com"
+    elevenlabs_agent_id: str = ""
+    elevenlabs_api_key: str | None = None
+    elevenlabs_api_base_url: str = "https://api.elevenlabs.io"
+    public_url: str | None = None
+    database_url: str = DEFAULT_DATABASE_URL
+    api_token: str | None = None
+    max_call_seconds: float = 3600.0
+    # Sized from bench/: one process holds this many live calls with headroom.
+    max_concurrent_calls: int = 200
+    shutdown_grace_seconds: float = 20.0
+    agent_connect_timeout: float = 10.0
+    final_audio_timeout: float = 15.0
+    silence_timeout: float | None = None
+    fallback_twiml: str | None = None
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS:
+                value = "<set>" if value else None
+            shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        require: tuple[str, ...] = ("twilio", "agent"),
+    ) -> Settings:
+        """Read and check settings. `require` names what this command needs:
+        "twilio", "agent", "public_url", "api_token"."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for var, (name, kind) in _VARS.items():
+            raw = env.get(var)
+            if raw is None or raw.strip() == "":
+                continue
+            parsed, problem = _parse(var, raw.strip(), kind)
+            if problem:
+                problems.append(problem)
+            else:
+                values[name] = parsed
+        for name, value in (overrides or {}).items():
+            if value is not None:
+                values[name] = value
+        needed = {
+            "twilio": ("twilio_account_sid", "twilio_auth_token"),
+            "agent": ("elevenlabs_agent_id",),
+            "public_url": ("public_url",),
+            "api_token": ("api_token",),
+        }
+        for group in require:
+            for name in needed[group]:
+                if not values.get(name):
+                    problems.append(f"{ENV_VARS[name]} is required but not set")
+        sid = values.get("twilio_account_sid")
+        if sid and not (sid.startswith("AC") and len(sid) == 34 and sid[2:].isalnum()):
+            problems.append("TWILIO_ACCOUNT_SID must look like AC followed by 32 hex digits")
+        public = values.get("public_url")
+        if public and "public_url" in require and not public.startswith("https://"):
+            # Twilio only connects to wss:// streams; http is only for local tests.
+            if not _is_loopback_url(public):
+                problems.append("CALLBRIDGE_PUBLIC_URL must be an https:// URL that Twilio can reach")
+        if problems:
+            raise ConfigError(problems)
+        if "database_url" in values:
+            values["database_url"] = async_database_url(values["database_url"])
+        return cls(**values)
+
+    def call_options(self) -> CallOptions:
+        return CallOptions(
+            agent_connect_timeout=self.agent_connect_timeout,
+            max_call_seconds=self.max_call_seconds,
+            silence_timeout=self.silence_timeout,
+            final_audio_timeout=self.final_audio_timeout,
+            fallback_twiml=self.fallback_twiml,
+        )
+
+    def stream_url(self) -> str:
+        """The `wss://` form of the public URL for `<Stream url>`."""
+        if not self.public_url:
+            raise ConfigError(["CALLBRIDGE_PUBLIC_URL is required but not set"])
+        parts = urlsplit(self.public_url.rstrip("/"))
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return f"{scheme}://{parts.netloc}{parts.path}/twilio/media-stream"
+
+    def public(self, path: str) -> str:
+        if not self.public_url:
+            raise ConfigError(["CALLBRIDGE_PUBLIC_URL is required but not set"])
+        return self.public_url.rstrip("/") + path
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _parse(var: str, raw: str, kind: str) -> tuple[Any, str | None]:
+    if kind == "str":
+        return raw, None
+    if kind == "url":
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return None, f"{var} must be an http(s) URL (got something else)"
+        return raw.rstrip("/"), None
+    if kind == "twiml":
+        if not raw.lstrip().startswith("<Response"):
+            return None, f"{var} must be TwiML starting with <Response>"
+        return raw, None
+    try:
+        number = float(raw) if kind.endswith("float") else int(raw)
+    except ValueError:
+        return None, f"{var} must be a number, got {raw!r}"
+    if kind.startswith("pos") and number <= 0:
+        return None, f"{var} must be greater than 0, got {raw}"
+    if kind.startswith("nonneg") and number < 0:
+        return None, f"{var} must be 0 or more, got {raw}"
+    return number, None

@@ -1,0 +1,192 @@
+"""`callbridge demo`: one offline phone call, end to end, on the built-in emulators.
+
+The emulated Twilio places an inbound call to the real callbridge server (uvicorn
+on 127.0.0.1): it POSTs the signed voice webhook, gets `<Connect><Stream>` TwiML,
+opens the media stream and plays recorded caller speech in real time. The
+emulated ElevenLabs agent greets, listens, calls a client tool, answers, and ends
+the call with `end_call`. The bridge lets the goodbye play, hangs up through the
+(emulated) Twilio REST API, and saves the record, which is printed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import socket
+import sys
+import tempfile
+import time
+from typing import Any
+
+from callbridge.call import Call, CallHooks, CallRecord
+from callbridge.config import Settings
+from callbridge.emulators.elevenlabs import (
+    AgentEmulator,
+    AgentScript,
+    ClientToolCall,
+    EndCall,
+    Say,
+    UserTranscript,
+    WaitForUser,
+)
+from callbridge.emulators.speech import SPEECH_LINES, load_speech
+from callbridge.emulators.twilio import TwilioEmulator
+from callbridge.server.app import create_app
+from callbridge.server.run import GracefulServer, make_config
+from callbridge.store import CallStore
+
+__all__ = ["run_demo"]
+
+ACCOUNT_SID = "AC" + "d" * 32
+CALLER, CLINIC = "+15550100001", "+15550100002"
+
+
+def _seconds(name: str) -> float:
+    return len(load_speech(name)) / 8000
+
+
+def demo_script() -> AgentScript:
+    return AgentScript(
+        steps=[
+            Say(SPEECH_LINES["agent_greeting"], audio=load_speech("agent_greeting")),
+            WaitForUser(_seconds("caller_hello") + 1.0),
+            UserTranscript(SPEECH_LINES["caller_hello"]),
+            ClientToolCall("check_availability", {"day": "monday"}),
+            Say(SPEECH_LINES["agent_slot"], audio=load_speech("agent_slot")),
+            WaitForUser(_seconds("caller_confirm") + 1.0),
+            UserTranscript(SPEECH_LINES["caller_confirm"]),
+            EndCall(SPEECH_LINES["agent_goodbye"], audio=load_speech("agent_goodbye"), close_delay=0.1),
+        ],
+        output_format="ulaw_8000",
+        input_format="ulaw_8000",
+        realtime_factor=1.0,
+        ping_interval=2.0,
+    )
+
+
+def check_availability(params: dict[str, Any]) -> dict[str, Any]:
+    return {"day": params.get("day", "monday"), "free_slots": ["10:00", "11:30"]}
+
+
+class _Printer:
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+
+    def line(self, text: str) -> None:
+        print(f"  [{time.monotonic() - self.t0:5.1f}s] {text}", flush=True)
+
+    def transcript(self, call: Call, entry: dict[str, Any]) -> None:
+        who = "agent " if entry["role"] == "agent" else "caller"
+        self.line(f"{who}: {entry['text']}")
+
+
+async def run_demo(verbose: bool = False) -> int:
+    out = _Printer()
+    print("callbridge demo: one offline phone call on the built-in emulators of Twilio and ElevenLabs\n")
+    with tempfile.TemporaryDirectory(prefix="callbridge-demo-") as tmp:
+        db_url = f"sqlite+aiosqlite:///{os.path.join(tmp, 'calls.db')}"
+        auth_token = secrets.token_hex(16)
+        async with (
+            TwilioEmulator(account_sid=ACCOUNT_SID, auth_token=auth_token) as twilio,
+            AgentEmulator(demo_script()) as agent,
+        ):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            public = f"http://127.0.0.1:{port}"
+            settings = Settings(
+                twilio_account_sid=ACCOUNT_SID,
+                twilio_auth_token=auth_token,
+                twilio_api_base_url=twilio.base_url,
+                elevenlabs_agent_id="demo_dental_receptionist",
+                elevenlabs_api_base_url=agent.base_url,
+                public_url=public,
+                database_url=db_url,
+                api_token=secrets.token_hex(16),
+                max_call_seconds=120,
+            )
+            records: list[CallRecord] = []
+            ended = asyncio.Event()
+
+            def on_end(record: CallRecord) -> None:
+                records.append(record)
+                ended.set()
+
+            hooks = CallHooks(on_transcript=[out.transcript], on_call_end=[on_end])
+            app = create_app(settings, hooks=hooks, tools={"check_availability": check_availability})
+            server = GracefulServer(make_config(app, "127.0.0.1", port), app.state.callbridge)
+            serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+            try:
+                while not server.started:
+                    if serving.done():
+                        print("callbridge demo: the server did not start", file=sys.stderr)
+                        return 1
+                    await asyncio.sleep(0.02)
+                print(f"  emulated Twilio REST API   {twilio.base_url}")
+                print(f"  emulated ElevenLabs agent  {agent.base_url}")
+                print(f"  callbridge server          {public}  (webhook /twilio/inbound)\n")
+                out.line(f"{CALLER} calls {CLINIC}; Twilio posts the signed webhook")
+                call = await twilio.place_inbound_call(
+                    f"{public}/twilio/inbound",
+                    from_=CALLER,
+                    to=CLINIC,
+                    status_callback=f"{public}/twilio/status",
+                )
+                stream = call.stream
+                if stream is None:
+                    print(f"callbridge demo: the call did not connect: {call.twiml_errors}", file=sys.stderr)
+                    return 1
+                out.line(f"media stream connected: call {call.sid}")
+                heard = 0
+                for agent_line, caller_line in (
+                    ("agent_greeting", "caller_hello"),
+                    ("agent_slot", "caller_confirm"),
+                ):
+                    heard += len(load_speech(agent_line))
+
+                    def line_played(target: int = heard) -> bool:
+                        return len(stream.played_audio) >= target and stream.buffered_audio_bytes == 0
+
+                    # The caller answers once the agent's line has played to the end.
+                    await stream.wait_until(line_played, timeout=30)
+                    stream.say(load_speech(caller_line))
+                await asyncio.wait_for(ended.wait(), 60)
+                await call.wait_ended(10)
+                out.line(f"Twilio call status: {call.status} ({call.end_cause})")
+            finally:
+                server.should_exit = True
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(serving, 10)
+                sock.close()
+
+        store = CallStore(db_url)
+        try:
+            await store.init()
+            saved = await store.get(records[0].call_sid or "") if records else None
+        finally:
+            await store.close()
+
+    if saved is None:
+        print("\ncallbridge demo: FAILED: no call record was saved", file=sys.stderr)
+        return 1
+    goodbye = load_speech("agent_goodbye")
+    played_goodbye = bytes(stream.played_audio).endswith(goodbye)
+    m = saved["metrics"]
+    print("\nCall record (as saved in the database):")
+    print(f"  call            {saved['call_sid']}  {saved['from']} -> {saved['to']} ({saved['direction']})")
+    print(f"  conversation    {saved['conversation_id']}")
+    print(f"  end reason      {saved['end_reason']}  ({saved['end_detail']})")
+    print(f"  duration        {saved['duration_s']:.1f} s")
+    print(f"  agent connect   {m.get('agent_connect_ms')} ms")
+    print(f"  goodbye         {'played in full' if played_goodbye else 'CUT OFF'} before the hang-up")
+    print(f"  hang-up         {m.get('hangup_latency_ms')} ms after the last goodbye mark")
+    print(
+        f"  frames          {m.get('frames_to_agent')} to the agent, "
+        f"{m.get('chunks_to_caller')} chunks to the caller"
+    )
+    print(f"  transcript      {len(saved['transcript'])} lines")
+    ok = saved["end_reason"] == "agent_ended" and call.status == "completed" and played_goodbye
+    print("\ndemo " + ("OK" if ok else "FAILED"))
+    return 0 if ok else 1

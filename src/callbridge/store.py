@@ -1,0 +1,253 @@
+"""Call records through SQLAlchemy 2 (async): a SQLite file by default, PostgreSQL by URL.
+
+`CallStore.save` is the `RecordSink` of the bridge: called when a call starts and
+when it ends (an upsert by call SID). A save that fails is kept in memory and
+written with the next successful save or at `close()`: a record is never dropped
+because the database hiccupped at the moment the call ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, Index, String, Text, func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from callbridge.call import CallRecord
+
+__all__ = ["CallRow", "CallStore", "Page"]
+
+ListOfDicts = list[dict[str, Any]]
+
+log = logging.getLogger("callbridge.store")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class CallRow(Base):
+    __tablename__ = "calls"
+
+    call_sid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    stream_sid: Mapped[str | None] = mapped_column(String(64))
+    conversation_id: Mapped[str | None] = mapped_column(String(128))
+    direction: Mapped[str] = mapped_column(String(16), default="inbound")
+    from_number: Mapped[str | None] = mapped_column(String(64))
+    to_number: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    end_reason: Mapped[str | None] = mapped_column(String(32))
+    end_detail: Mapped[str | None] = mapped_column(Text)
+    twilio_status: Mapped[str | None] = mapped_column(String(32))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    transcript: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    timeline: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    instance: Mapped[str | None] = mapped_column(String(128))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=lambda: datetime.now(UTC))
+
+    __table_args__ = (
+        Index("ix_calls_status", "status"),
+        Index("ix_calls_started_at", "started_at"),
+        Index("ix_calls_end_reason", "end_reason"),
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        def iso(value: datetime | None) -> str | None:
+            if value is None:
+                return None
+            if value.tzinfo is None:  # SQLite hands back naive datetimes
+                value = value.replace(tzinfo=UTC)
+            return value.isoformat()
+
+        return {
+            "call_sid": self.call_sid,
+            "stream_sid": self.stream_sid,
+            "conversation_id": self.conversation_id,
+            "direction": self.direction,
+            "from": self.from_number,
+            "to": self.to_number,
+            "status": self.status,
+            "end_reason": self.end_reason,
+            "end_detail": self.end_detail,
+            "twilio_status": self.twilio_status,
+            "started_at": iso(self.started_at),
+            "answered_at": iso(self.answered_at),
+            "ended_at": iso(self.ended_at),
+            "duration_s": self.duration_s,
+            "transcript": self.transcript or [],
+            "timeline": self.timeline or [],
+            "metrics": self.metrics or {},
+        }
+
+
+@dataclass
+class Page:
+    items: ListOfDicts
+    next_offset: int | None
+
+
+class CallStore:
+    def __init__(self, url: str, instance: str | None = None) -> None:
+        self.url = url
+        self.instance = instance
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            # SQLite: wait for a lock rather than fail at once (several writers in one process).
+            kwargs["connect_args"] = {"timeout": 5}
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        self._session = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._pending: dict[str, CallRecord] = {}
+        self._lock = asyncio.Lock()
+
+    async def init(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+
+    async def close(self) -> None:
+        if self._pending:
+            try:
+                await self._write(list(self._pending.values()))
+                self._pending.clear()
+            except SQLAlchemyError as exc:
+                log.error("store: %d call records could not be written at close: %r", len(self._pending), exc)
+        await self.engine.dispose()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def save(self, record: CallRecord) -> None:
+        if not record.call_sid:
+            return
+        async with self._lock:
+            batch = [*self._pending.values(), record] if self._pending else [record]
+            try:
+                await self._write(batch)
+            except SQLAlchemyError as exc:
+                self._pending[record.call_sid] = record
+                log.error(
+                    "store: saving call %s failed (%r); kept in memory (%d pending)",
+                    record.call_sid,
+                    exc,
+                    len(self._pending),
+                )
+                raise
+            self._pending.clear()
+
+    async def _write(self, records: list[CallRecord]) -> None:
+        async with self._session() as session, session.begin():
+            for record in records:
+                row = await session.get(CallRow, record.call_sid)
+                if row is None:
+                    row = CallRow(call_sid=record.call_sid)
+                    session.add(row)
+                row.stream_sid = record.stream_sid
+                row.conversation_id = record.conversation_id
+                row.direction = record.direction
+                row.from_number = record.from_number
+                row.to_number = record.to_number
+                row.status = record.status
+                row.end_reason = record.end_reason
+                row.end_detail = record.end_detail
+                row.started_at = record.started_at
+                row.answered_at = record.answered_at
+                row.ended_at = record.ended_at
+                row.duration_s = record.duration_s
+                row.transcript = list(record.transcript)
+                row.timeline = list(record.timeline)
+                row.metrics = dict(record.metrics)
+                row.instance = self.instance
+                row.updated_at = datetime.now(UTC)
+
+    async def get(self, call_sid: str) -> dict[str, Any] | None:
+        async with self._session() as session:
+            row = await session.get(CallRow, call_sid)
+            return row.to_dict() if row else None
+
+    async def list_calls(
+        self,
+        status: str | None = None,
+        end_reason: str | None = None,
+        since: datetime | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Page:
+        query = select(CallRow)
+        if status:
+            query = query.where(CallRow.status == status)
+        if end_reason:
+            query = query.where(CallRow.end_reason == end_reason)
+        if since:
+            query = query.where(CallRow.started_at >= since)
+        query = query.order_by(CallRow.started_at.desc(), CallRow.call_sid).offset(offset).limit(limit + 1)
+        async with self._session() as session:
+            rows = list((await session.scalars(query)).all())
+        more = len(rows) > limit
+        return Page([r.to_dict() for r in rows[:limit]], offset + limit if more else None)
+
+    async def count_by_end_reason(self) -> dict[str, int]:
+        query = select(CallRow.end_reason, func.count()).group_by(CallRow.end_reason)
+        async with self._session() as session:
+            return {str(reason): int(n) for reason, n in (await session.execute(query)).all()}
+
+    async def set_twilio_status(self, call_sid: str, twilio_status: str, details: dict[str, Any]) -> bool:
+        """Store a status callback; returns False if no record of that call exists yet."""
+        async with self._session() as session, session.begin():
+            row = await session.get(CallRow, call_sid)
+            if row is None:
+                return False
+            row.twilio_status = twilio_status
+            row.timeline = [
+                *(row.timeline or []),
+                {"event": "twilio.status", "status": twilio_status, **details},
+            ]
+            row.updated_at = datetime.now(UTC)
+            return True
+
+    async def create_placeholder(self, call_sid: str, direction: str, from_: str, to: str) -> None:
+        """An outbound call created but not yet connected: visible in the API at once."""
+        async with self._session() as session, session.begin():
+            if await session.get(CallRow, call_sid) is None:
+                session.add(
+                    CallRow(
+                        call_sid=call_sid,
+                        direction=direction,
+                        from_number=from_,
+                        to_number=to,
+                        status="active",
+                        started_at=datetime.now(UTC),
+                        transcript=[],
+                        timeline=[],
+                        metrics={},
+                        instance=self.instance,
+                    )
+                )
+
+    async def active_call_sids(self) -> list[str]:
+        async with self._session() as session:
+            rows = await session.scalars(select(CallRow.call_sid).where(CallRow.status == "active"))
+            return list(rows.all())
+
+    async def close_record(self, call_sid: str, reason: str, detail: str) -> None:
+        async with self._session() as session, session.begin():
+            row = await session.get(CallRow, call_sid)
+            if row is None or row.status == "ended":
+                return
+            row.status = "ended"
+            row.end_reason = reason
+            row.end_detail = detail
+            row.ended_at = datetime.now(UTC)
+            if row.started_at is not None:
+                started = row.started_at if row.started_at.tzinfo else row.started_at.replace(tzinfo=UTC)
+                row.duration_s = round((row.ended_at - started).total_seconds(), 3)
+            row.updated_at = datetime.now(UTC)
