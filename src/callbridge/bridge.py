@@ -67,6 +67,7 @@ class BridgeStats:
     hangup_latency_ms: list[float] = field(default_factory=list)
     agent_connect_ms: list[float] = field(default_factory=list)
     errors: int = 0
+    streams_refused: int = 0
 
 
 class Bridge:
@@ -134,7 +135,12 @@ class Bridge:
                 self._handlers.discard(task)
             for k in [k for k, v in self.calls.items() if v is call]:
                 del self.calls[k]
-        self._account(call, record)
+        if record.call_sid is None:
+            # Refused or broken before `start`: no call of ours, only a refused stream.
+            self.stats.calls_started -= 1
+            self.stats.streams_refused += 1
+        else:
+            self._account(call, record)
         return record
 
     def _on_call_state(self, call: Call) -> None:

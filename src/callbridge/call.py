@@ -745,10 +745,15 @@ class Call:
         self.metrics["teardown_ms"] = round((self._loop.time() - t_end) * 1000, 1)
         rec.metrics = dict(self.metrics)
         self._mark("call.ended", reason=reason.value)
+        self._set_state(CallState.ENDED)
+        if self.info is None:
+            # No verified call behind this stream: nothing to persist, no call hooks.
+            log_event(log, "stream.refused", logging.WARNING, detail=self.end_detail or None)
+            self._done.set()
+            return
         await self._persist("end")
         for hook in self.hooks.on_call_end:
             await self._run_hook("on_call_end", hook, rec)
-        self._set_state(CallState.ENDED)
         log_event(
             log,
             "call.ended",

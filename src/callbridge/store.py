@@ -51,6 +51,8 @@ class CallRow(Base):
     duration_s: Mapped[float | None] = mapped_column(Float)
     transcript: Mapped[list[Any]] = mapped_column(JSON, default=list)
     timeline: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # Status callbacks, kept apart: they may arrive while the call's own record is written.
+    twilio_events: Mapped[list[Any]] = mapped_column(JSON, default=list)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     instance: Mapped[str | None] = mapped_column(String(128))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=lambda: datetime.now(UTC))
@@ -80,6 +82,7 @@ class CallRow(Base):
             "end_reason": self.end_reason,
             "end_detail": self.end_detail,
             "twilio_status": self.twilio_status,
+            "twilio_events": self.twilio_events or [],
             "started_at": iso(self.started_at),
             "answered_at": iso(self.answered_at),
             "ended_at": iso(self.ended_at),
@@ -200,19 +203,33 @@ class CallStore:
         async with self._session() as session:
             return {str(reason): int(n) for reason, n in (await session.execute(query)).all()}
 
-    async def set_twilio_status(self, call_sid: str, twilio_status: str, details: dict[str, Any]) -> bool:
-        """Store a status callback; returns False if no record of that call exists yet."""
+    async def set_twilio_status(
+        self, call_sid: str, twilio_status: str, details: dict[str, Any], form: dict[str, str] | None = None
+    ) -> None:
+        """Store a status callback. It may come before any record of the call (an outbound
+        call's `initiated`): then it starts the record from what the callback says."""
+        form = form or {}
         async with self._session() as session, session.begin():
             row = await session.get(CallRow, call_sid)
             if row is None:
-                return False
+                direction = "outbound" if form.get("Direction", "").startswith("outbound") else "inbound"
+                row = CallRow(
+                    call_sid=call_sid,
+                    direction=direction,
+                    from_number=form.get("From"),
+                    to_number=form.get("To"),
+                    status="active",
+                    started_at=datetime.now(UTC),
+                    transcript=[],
+                    timeline=[],
+                    metrics={},
+                    twilio_events=[],
+                    instance=self.instance,
+                )
+                session.add(row)
             row.twilio_status = twilio_status
-            row.timeline = [
-                *(row.timeline or []),
-                {"event": "twilio.status", "status": twilio_status, **details},
-            ]
+            row.twilio_events = [*(row.twilio_events or []), {"status": twilio_status, **details}]
             row.updated_at = datetime.now(UTC)
-            return True
 
     async def create_placeholder(self, call_sid: str, direction: str, from_: str, to: str) -> None:
         """An outbound call created but not yet connected: visible in the API at once."""

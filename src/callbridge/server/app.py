@@ -108,7 +108,7 @@ class AppState:
     used_refs: OrderedDict[str, float] = field(default_factory=OrderedDict)
     outbound_refs: dict[str, str] = field(default_factory=dict)
     pending_streams: OrderedDict[str, float] = field(default_factory=OrderedDict)
-    rejected_signatures: int = 0
+    rejected_signatures: dict[str, int] = field(default_factory=dict)
 
     # -- per-call stream token ------------------------------------------------
 
@@ -158,6 +158,10 @@ class AppState:
         return self.bridge.live_calls + self.reserved_streams() < self.settings.max_concurrent_calls
 
     # -- Twilio signatures ---------------------------------------------------
+
+    def bad_signature(self, route: str) -> None:
+        self.rejected_signatures[route] = self.rejected_signatures.get(route, 0) + 1
+        log_event(log, "twilio.bad_signature", logging.WARNING, route=route)
 
     def signed_url(self, request: Request | WebSocket, ws: bool = False) -> str:
         """The URL Twilio signed: the public URL plus the path and query it requested."""
@@ -239,8 +243,19 @@ class _BridgeCollector(Collector):
         frames.add_metric(["agent_to_caller"], s.chunks_to_caller)
         yield frames
         errors = CounterMetricFamily("callbridge_errors", "Bad input and failures, all calls")
-        errors.add_metric([], s.errors + self.state.rejected_signatures)
+        errors.add_metric([], s.errors)
         yield errors
+        refused = CounterMetricFamily(
+            "callbridge_streams_refused", "Media streams refused (bad token, broken start)"
+        )
+        refused.add_metric([], s.streams_refused)
+        yield refused
+        signatures = CounterMetricFamily(
+            "callbridge_bad_signatures", "Requests refused for a bad X-Twilio-Signature", labels=["route"]
+        )
+        for route in ("/twilio/inbound", "/twilio/status", "/twilio/media-stream"):
+            signatures.add_metric([route], self.state.rejected_signatures.get(route, 0))
+        yield signatures
         yield _histogram(
             "callbridge_hangup_latency_seconds",
             "From the last goodbye mark to the hang-up request",
@@ -302,8 +317,7 @@ def create_app(
             return form
         url = state.signed_url(request)
         if not state.signature_ok(url, form, request.headers.get("x-twilio-signature")):
-            state.rejected_signatures += 1
-            log_event(log, "twilio.bad_signature", logging.WARNING, route=request.url.path)
+            state.bad_signature(request.url.path)
             return error(403, "invalid Twilio signature")
         call_sid = form.get("CallSid", "")
         if not _SID_RE.match(call_sid):
@@ -331,8 +345,7 @@ def create_app(
         if isinstance(form, Response):
             return form
         if not state.signature_ok(state.signed_url(request), form, request.headers.get("x-twilio-signature")):
-            state.rejected_signatures += 1
-            log_event(log, "twilio.bad_signature", logging.WARNING, route=request.url.path)
+            state.bad_signature(request.url.path)
             return error(403, "invalid Twilio signature")
         call_sid, status = form.get("CallSid", ""), form.get("CallStatus", "")
         if not _SID_RE.match(call_sid) or not status:
@@ -342,7 +355,7 @@ def create_app(
         }
         log_event(log, "twilio.status", call_sid=call_sid, status=status)
         try:
-            await store.set_twilio_status(call_sid, status, details)
+            await store.set_twilio_status(call_sid, status, details, form)
         except Exception as exc:
             log_event(log, "record.status_save_failed", logging.ERROR, call_sid=call_sid, error=repr(exc))
         if status in END_STATUSES:
@@ -359,8 +372,7 @@ def create_app(
         signature = ws.headers.get("x-twilio-signature")
         await ws.accept()
         if not state.signature_ok(url, {}, signature):
-            state.rejected_signatures += 1
-            log_event(log, "twilio.bad_signature", logging.WARNING, route="/twilio/media-stream")
+            state.bad_signature("/twilio/media-stream")
             with contextlib.suppress(Exception):
                 await ws.close(1008, "invalid signature")
             return

@@ -1,0 +1,95 @@
+"""A real callbridge server (uvicorn on 127.0.0.1) wired to the emulators, for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from callbridge.call import CallHooks, CallRecord, Tool
+from callbridge.config import Settings
+from callbridge.emulators.elevenlabs import AgentEmulator
+from callbridge.emulators.twilio import TwilioEmulator
+from callbridge.server.app import AppState, create_app
+from callbridge.server.run import GracefulServer, make_config
+
+API_TOKEN = "test-api-token-0123456789"
+
+
+@dataclass
+class RunningServer:
+    url: str
+    settings: Settings
+    state: AppState
+    server: GracefulServer
+    api: httpx.AsyncClient
+    records: list[CallRecord] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add_record(self, record: CallRecord) -> None:
+        self.records.append(record)
+        self._changed.set()
+
+    async def wait_records(self, n: int, timeout: float = 20) -> list[CallRecord]:
+        async with asyncio.timeout(timeout):
+            while len(self.records) < n:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.records
+
+    async def call_record(self, call_sid: str) -> dict[str, Any]:
+        resp = await self.api.get(f"/calls/{call_sid}")
+        assert resp.status_code == 200, resp.text
+        data: dict[str, Any] = resp.json()
+        return data
+
+
+def settings_for(twilio: TwilioEmulator, agent: AgentEmulator, db: Path, **overrides: Any) -> Settings:
+    base = Settings(
+        twilio_account_sid=twilio.account_sid,
+        twilio_auth_token=twilio.auth_token,
+        twilio_api_base_url=twilio.base_url,
+        elevenlabs_agent_id="agent_test",
+        elevenlabs_api_base_url=agent.base_url,
+        public_url="http://127.0.0.1:1",  # replaced with the bound port
+        database_url=f"sqlite+aiosqlite:///{db}",
+        api_token=API_TOKEN,
+    )
+    return replace(base, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    settings: Settings, hooks: CallHooks | None = None, tools: dict[str, Tool] | None = None
+) -> AsyncIterator[RunningServer]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    settings = replace(settings, public_url=url)
+    hooks = hooks or CallHooks()
+    app = create_app(settings, hooks=hooks, tools=tools)
+    state: AppState = app.state.callbridge
+    server = GracefulServer(make_config(app, "127.0.0.1", port), state)
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    api = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10)
+    handle = RunningServer(url, settings, state, server, api)
+    hooks.on_call_end.append(handle.add_record)
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                if serving.done():
+                    serving.result()
+                await asyncio.sleep(0.01)
+        yield handle
+    finally:
+        await api.aclose()
+        server.should_exit = True
+        await asyncio.wait_for(serving, 15)
+        sock.close()
