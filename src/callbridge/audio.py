@@ -74,8 +74,7 @@ _AGENT_FORMAT_NAMES: Final = (
 def _make_format(name: str) -> AudioFormat:
     encoding, _, rate = name.partition("_")
     assert encoding in ("ulaw", "pcm"), name
-    return AudioFormat(name=name, encoding="ulaw" if encoding == "ulaw" else "pcm",
-                       sample_rate=int(rate))
+    return AudioFormat(name=name, encoding="ulaw" if encoding == "ulaw" else "pcm", sample_rate=int(rate))
 
 
 AGENT_FORMATS: Final[dict[str, AudioFormat]] = {n: _make_format(n) for n in _AGENT_FORMAT_NAMES}
