@@ -29,10 +29,9 @@ def clean_env() -> dict[str, str]:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {
-        k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "ELEVENLABS_", "CALLBRIDGE_"))
-    }
-    return subprocess.run([*CLI, *args], env=base | (env or {}), capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [*CLI, *args], env=clean_env() | (env or {}), capture_output=True, text=True, timeout=60
+    )
 
 
 async def run_cli_async(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -109,10 +108,7 @@ async def test_serve_process_drains_on_sigterm(twilio: TwilioEmulator, tmp_path:
     db = tmp_path / "calls.db"
     script = AgentScript(steps=[Say("I will keep talking.", seconds=60.0)], realtime_factor=1.0)
     async with AgentEmulator(script) as agent:
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "ELEVENLABS_", "CALLBRIDGE_"))
-        }
-        env |= {
+        env = clean_env() | {
             "TWILIO_ACCOUNT_SID": twilio.account_sid,
             "TWILIO_AUTH_TOKEN": twilio.auth_token,
             "TWILIO_API_BASE_URL": twilio.base_url,
