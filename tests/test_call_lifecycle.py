@@ -7,7 +7,10 @@ the record the bridge produced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +24,7 @@ from callbridge.emulators.elevenlabs import (
     ClientToolCall,
     Close,
     Drop,
+    EmulatedConversation,
     EndCall,
     Interrupt,
     Say,
@@ -30,7 +34,7 @@ from callbridge.emulators.elevenlabs import (
 )
 from callbridge.emulators.speech import load_speech
 from callbridge.emulators.twilio import EmulatedCall, TwilioEmulator
-from tests.conftest import Harness, make_bridge
+from tests.conftest import make_bridge
 
 FAST = float("inf")
 
@@ -53,27 +57,58 @@ def redirect_requests(tw: TwilioEmulator, call_sid: str) -> list[Any]:
     ]
 
 
-async def run_call(
-    h: Harness,
-    agent: AgentEmulator,
+@dataclass
+class Bridged:
+    call: EmulatedCall
+    record: CallRecord
+    conversations: list[EmulatedConversation]
+
+    @property
+    def conv(self) -> EmulatedConversation:
+        return self.conversations[0]
+
+
+async def bridged(
+    twilio: TwilioEmulator,
+    script: AgentScript | None = None,
+    *,
+    script_factory: Any = None,
+    agent_base_url: str | None = None,
+    options: CallOptions | None = None,
+    hooks: CallHooks | None = None,
+    tools: dict[str, Any] | None = None,
     audio: bytes = b"",
+    after_start: Callable[[EmulatedCall, AgentEmulator | None], Awaitable[None]] | None = None,
     timeout: float = 20.0,
-    after_start: Any = None,
-) -> tuple[EmulatedCall, CallRecord]:
-    """Place one call through the bridge and wait until the bridge has recorded its end."""
-    async with h.bridge.serve_websockets() as url:
-        call = await h.twilio.start_stream_call(
-            url,
-            audio=audio,
-            from_="+15550001111",
-            to="+15550002222",
-            custom_parameters={"from": "+15550001111", "to": "+15550002222"},
-        )
-        if after_start is not None:
-            await after_start(call)
-        await h.wait_records(1, timeout)
-        await call.wait_ended(5)
-    return call, h.records[-1]
+) -> Bridged:
+    """One call through a bridge wired to an agent emulator (or to `agent_base_url`): waits until
+    the bridge has recorded the end, and checks the invariant that every agent socket is closed."""
+    async with contextlib.AsyncExitStack() as stack:
+        agent: AgentEmulator | None = None
+        if agent_base_url is None:
+            emulator = (
+                AgentEmulator(script_factory=script_factory) if script_factory else AgentEmulator(script)
+            )
+            agent = await stack.enter_async_context(emulator)
+            agent_base_url = agent.base_url
+        h = make_bridge(twilio, agent_base_url, options=options, hooks=hooks, tools=tools)
+        stack.push_async_callback(h.control.aclose)
+        async with h.bridge.serve_websockets() as url:
+            call = await twilio.start_stream_call(
+                url,
+                audio=audio,
+                from_="+15550001111",
+                to="+15550002222",
+                custom_parameters={"from": "+15550001111", "to": "+15550002222"},
+            )
+            if after_start is not None:
+                await after_start(call, agent)
+            await h.wait_records(1, timeout)
+            await call.wait_ended(5)
+        conversations = list(agent.conversations) if agent else []
+        for conv in conversations:
+            await asyncio.wait_for(conv.closed.wait(), 2)
+    return Bridged(call, h.records[-1], conversations)
 
 
 def media_messages(call: EmulatedCall) -> list[dict[str, Any]]:
@@ -99,13 +134,8 @@ async def test_agent_end_call_plays_goodbye_then_hangs_up(twilio: TwilioEmulator
     hooks = CallHooks(
         on_call_end=[ended_hooks.append], on_agent_end_call=[lambda c: end_call_hooks.append(c.call_sid)]
     )
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url, hooks=hooks)
-        try:
-            call, record = await run_call(h, agent, audio=load_speech("caller_hello"))
-        finally:
-            await h.control.aclose()
-        conv = agent.conversations[0]
+    out = await bridged(twilio, script, hooks=hooks, audio=load_speech("caller_hello"))
+    call, record, conv = out.call, out.record, out.conv
 
     stream = call.stream
     assert stream is not None
@@ -138,12 +168,8 @@ async def test_agent_close_without_end_call_tool_still_waits_for_audio(twilio: T
         ],
         realtime_factor=FAST,
     )
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url)
-        try:
-            call, record = await run_call(h, agent)
-        finally:
-            await h.control.aclose()
+    out = await bridged(twilio, script)
+    call, record = out.call, out.record
     assert record.end_reason == "agent_ended"
     assert "max_duration_exceeded" in (record.end_detail or "")
     assert call.stream is not None and len(call.stream.played_audio) == 8000  # one second, all of it
@@ -155,25 +181,17 @@ async def test_agent_close_without_end_call_tool_still_waits_for_audio(twilio: T
 
 async def test_caller_hangup_closes_agent_without_rest(twilio: TwilioEmulator) -> None:
     script = AgentScript(steps=[Say("Hello, how can I help?", seconds=3.0)], realtime_factor=2.0)
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url)
+    hung_up_at: list[float] = []
 
-        async def hang_up_soon(call: EmulatedCall) -> None:
-            await agent.wait_for_conversations(1, timeout=5)
-            await asyncio.sleep(0.5)
-            assert call.stream is not None
-            await call.stream.hangup()
-            hung_up_at.append(asyncio.get_running_loop().time())
+    async def hang_up_soon(call: EmulatedCall, agent: AgentEmulator | None) -> None:
+        assert agent is not None and call.stream is not None
+        await agent.wait_for_conversations(1, timeout=5)
+        await asyncio.sleep(0.5)
+        await call.stream.hangup()
+        hung_up_at.append(asyncio.get_running_loop().time())
 
-        hung_up_at: list[float] = []
-        try:
-            call, record = await run_call(
-                h, agent, audio=load_speech("caller_hello"), after_start=hang_up_soon
-            )
-        finally:
-            await h.control.aclose()
-        conv = agent.conversations[0]
-        await asyncio.wait_for(conv.closed.wait(), 1)
+    out = await bridged(twilio, script, audio=load_speech("caller_hello"), after_start=hang_up_soon)
+    call, record, conv = out.call, out.record, out.conv
     assert record.end_reason == "caller_hung_up"
     assert conv.closed_by == "client" and conv.close_code == 1000
     assert conv.ended_at is not None and conv.ended_at - hung_up_at[0] < 1.0
@@ -198,12 +216,8 @@ async def test_caller_hangup_closes_agent_without_rest(twilio: TwilioEmulator) -
 )
 async def test_agent_failure_hangs_up_the_phone(twilio: TwilioEmulator, step: Any, detail_part: str) -> None:
     script = AgentScript(steps=[Say("Hello", seconds=0.3), Sleep(0.2), step], realtime_factor=FAST)
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url)
-        try:
-            call, record = await run_call(h, agent)
-        finally:
-            await h.control.aclose()
+    out = await bridged(twilio, script)
+    call, record = out.call, out.record
     assert record.end_reason == "agent_error"
     assert detail_part in (record.end_detail or "")
     assert len(hangup_requests(twilio, call.sid)) == 1
@@ -213,12 +227,8 @@ async def test_agent_failure_hangs_up_the_phone(twilio: TwilioEmulator, step: An
 async def test_agent_failure_redirects_to_fallback_when_configured(twilio: TwilioEmulator) -> None:
     fallback = "<Response><Say>Sorry, our assistant is unavailable.</Say><Dial>+15550009999</Dial></Response>"
     script = AgentScript(steps=[Say("Hello", seconds=0.2), Close(1011, "")], realtime_factor=FAST)
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url, options=CallOptions(fallback_twiml=fallback))
-        try:
-            call, record = await run_call(h, agent)
-        finally:
-            await h.control.aclose()
+    out = await bridged(twilio, script, options=CallOptions(fallback_twiml=fallback))
+    call, record = out.call, out.record
     assert record.end_reason == "agent_error"
     assert "fallback" in (record.end_detail or "")
     redirects = redirect_requests(twilio, call.sid)
@@ -228,12 +238,8 @@ async def test_agent_failure_redirects_to_fallback_when_configured(twilio: Twili
 
 
 async def test_agent_refusing_connection_is_unreachable(twilio: TwilioEmulator) -> None:
-    async with AgentEmulator(AgentScript(steps=[], reject_with_status=503)) as agent:
-        h = make_bridge(twilio, agent.base_url)
-        try:
-            call, record = await run_call(h, agent)
-        finally:
-            await h.control.aclose()
+    out = await bridged(twilio, AgentScript(steps=[], reject_with_status=503))
+    call, record = out.call, out.record
     assert record.end_reason == "agent_unreachable"
     assert "503" in (record.end_detail or "")
     assert len(hangup_requests(twilio, call.sid)) == 1
@@ -243,26 +249,20 @@ async def test_agent_with_nothing_listening_is_unreachable(twilio: TwilioEmulato
     # Start and stop an emulator to get a loopback port that is closed now.
     async with AgentEmulator(AgentScript(steps=[])) as agent:
         base = agent.base_url
-    h = make_bridge(twilio, base)
-    try:
-        call, record = await run_call(h, None)  # type: ignore[arg-type]
-    finally:
-        await h.control.aclose()
+    out = await bridged(twilio, agent_base_url=base)
+    call, record = out.call, out.record
     assert record.end_reason == "agent_unreachable"
     assert len(hangup_requests(twilio, call.sid)) == 1
 
 
 async def test_no_metadata_within_timeout_is_unreachable(twilio: TwilioEmulator) -> None:
-    async with AgentEmulator(AgentScript(steps=[], send_metadata=False)) as agent:
-        h = make_bridge(twilio, agent.base_url, options=CallOptions(agent_connect_timeout=0.5))
-        try:
-            call, record = await run_call(h, agent)
-        finally:
-            await h.control.aclose()
-        conv = agent.conversations[0]
-        await asyncio.wait_for(conv.closed.wait(), 2)
+    out = await bridged(
+        twilio, AgentScript(steps=[], send_metadata=False), options=CallOptions(agent_connect_timeout=0.5)
+    )
+    call, record, conv = out.call, out.record, out.conv
     assert record.end_reason == "agent_unreachable"
     assert "0.5" in (record.end_detail or "")
+    assert conv.closed_by == "client"  # the bridge gave up and closed the half-open session
     assert len(hangup_requests(twilio, call.sid)) == 1
 
 
@@ -271,14 +271,8 @@ async def test_no_metadata_within_timeout_is_unreachable(twilio: TwilioEmulator)
 
 async def test_max_duration_ends_both_legs(twilio: TwilioEmulator) -> None:
     script = AgentScript(steps=[Say("Let me tell you a long story.", seconds=5.0)], realtime_factor=1.0)
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url, options=CallOptions(max_call_seconds=1.0))
-        try:
-            call, record = await run_call(h, agent)
-        finally:
-            await h.control.aclose()
-        conv = agent.conversations[0]
-        await asyncio.wait_for(conv.closed.wait(), 2)
+    out = await bridged(twilio, script, options=CallOptions(max_call_seconds=1.0))
+    call, record, conv = out.call, out.record, out.conv
     assert record.end_reason == "max_duration"
     assert 0.9 < (record.duration_s or 0) < 3.0
     assert conv.closed_by == "client"
@@ -289,12 +283,8 @@ async def test_max_duration_ends_both_legs(twilio: TwilioEmulator) -> None:
 async def test_silence_timeout(twilio: TwilioEmulator) -> None:
     # The caller line carries only silence frames; the agent says one short line and waits.
     script = AgentScript(steps=[Say("Hello?", seconds=0.3)], realtime_factor=FAST)
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url, options=CallOptions(silence_timeout=1.0))
-        try:
-            call, record = await run_call(h, agent)
-        finally:
-            await h.control.aclose()
+    out = await bridged(twilio, script, options=CallOptions(silence_timeout=1.0))
+    call, record = out.call, out.record
     assert record.end_reason == "silence_timeout"
     # Silence counts from the end of the agent's line (0.3 s), so not before ~1.3 s.
     assert (record.duration_s or 0) > 1.2
@@ -315,12 +305,8 @@ async def test_interruption_clears_and_drops_stale_audio(twilio: TwilioEmulator)
         ],
         realtime_factor=FAST,
     )
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url)
-        try:
-            call, record = await run_call(h, agent)
-        finally:
-            await h.control.aclose()
+    out = await bridged(twilio, script)
+    call, record = out.call, out.record
     stream = call.stream
     assert stream is not None
     assert len(stream.clears) == 1
@@ -356,13 +342,8 @@ async def test_ping_pong_and_client_tools(twilio: TwilioEmulator) -> None:
         realtime_factor=FAST,
         ping_interval=0.2,
     )
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url, tools={"check_slot": check_slot, "book": failing_tool})
-        try:
-            _call, record = await run_call(h, agent)
-        finally:
-            await h.control.aclose()
-        conv = agent.conversations[0]
+    out = await bridged(twilio, script, tools={"check_slot": check_slot, "book": failing_tool})
+    record, conv = out.record, out.conv
     assert conv.pings_sent and conv.pongs
     assert set(conv.pongs) <= set(conv.pings_sent)
     assert len(conv.pongs) >= len(conv.pings_sent) - 1  # the last ping may race the close
@@ -395,13 +376,8 @@ async def test_agent_audio_formats_keep_the_tone(twilio: TwilioEmulator, fmt: st
         input_format=fmt,
         realtime_factor=FAST,
     )
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url)
-        try:
-            call, record = await run_call(h, agent, audio=load_speech("caller_hello"))
-        finally:
-            await h.control.aclose()
-        conv = agent.conversations[0]
+    out = await bridged(twilio, script, audio=load_speech("caller_hello"))
+    call, record, conv = out.call, out.record, out.conv
     assert call.stream is not None
     played = bytes(call.stream.played_audio)
     # One second, all of it: the resampler's tail is flushed when the agent ends.
@@ -479,12 +455,8 @@ async def test_raising_hooks_do_not_break_teardown(
     script = AgentScript(
         steps=[Say("Hi", seconds=0.2), EndCall("Bye", seconds=0.2, close_delay=0.05)], realtime_factor=FAST
     )
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url, hooks=hooks, options=CallOptions(hook_timeout=0.3))
-        try:
-            call, record = await run_call(h, agent)
-        finally:
-            await h.control.aclose()
+    out = await bridged(twilio, script, hooks=hooks, options=CallOptions(hook_timeout=0.3))
+    call, record = out.call, out.record
     assert record.end_reason == "agent_ended"
     # on_call_start and on_agent_end_call failed before the record was final; on_call_end
     # runs after it is saved, so its failure is only logged.
@@ -498,36 +470,23 @@ async def test_rest_500_is_retried_and_404_is_taken_as_ended(twilio: TwilioEmula
     script = AgentScript(steps=[Say("Hi", seconds=0.2), Close(1011, "")], realtime_factor=FAST)
     twilio.inject_fault("update", status=500)
     twilio.inject_fault("update", status=503)
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url)
-        try:
-            call, record = await run_call(h, agent)
-        finally:
-            await h.control.aclose()
+    out = await bridged(twilio, script)
+    call, record = out.call, out.record
     assert len(hangup_requests(twilio, call.sid)) == 3  # 500, 503, then success
     assert call.status == "completed"
     assert any(e["event"] == "twilio.hangup" and e["outcome"] == "completed" for e in record.timeline)
 
     twilio.inject_fault("update", status=404, code=20404)
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url)
-        try:
-            call2, record2 = await run_call(h, agent)
-        finally:
-            await h.control.aclose()
+    out2 = await bridged(twilio, script)
+    call2, record2 = out2.call, out2.record
     assert len(hangup_requests(twilio, call2.sid)) == 1  # not retried
     assert any(e["event"] == "twilio.hangup" and e["outcome"] == "already_ended" for e in record2.timeline)
 
 
 async def test_stalled_agent_is_ended_by_max_duration_not_left_open(twilio: TwilioEmulator) -> None:
     script = AgentScript(steps=[Say("Hi", seconds=0.2), Stall()], realtime_factor=FAST)
-    async with AgentEmulator(script) as agent:
-        h = make_bridge(twilio, agent.base_url, options=CallOptions(max_call_seconds=1.0))
-        try:
-            call, record = await run_call(h, agent)
-        finally:
-            await h.control.aclose()
-        conv = agent.conversations[0]
-        await asyncio.wait_for(conv.closed.wait(), 2)
+    out = await bridged(twilio, script, options=CallOptions(max_call_seconds=1.0))
+    call, record, conv = out.call, out.record, out.conv
     assert record.end_reason == "max_duration"
     assert call.status == "completed"
+    assert conv.closed_by == "client"

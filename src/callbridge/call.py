@@ -323,6 +323,10 @@ class Call:
             except Exception:
                 log.exception("state observer failed")
 
+    def _end_after(self, delay: float, reason: EndReason, detail: str) -> None:
+        """A timer (a loop handle, not a task) that ends the call; cancelled at teardown."""
+        self._timers.append(self._loop.call_later(delay, self.request_end, reason, detail))
+
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         task.set_name(name)
@@ -396,13 +400,10 @@ class Call:
 
         # Timers start with the call: the caller may hang up, or the call overrun,
         # while the agent is still connecting.
-        self._timers.append(
-            self._loop.call_later(
-                self.options.max_call_seconds,
-                self.request_end,
-                EndReason.MAX_DURATION,
-                f"call exceeded {self.options.max_call_seconds:g}s",
-            )
+        self._end_after(
+            self.options.max_call_seconds,
+            EndReason.MAX_DURATION,
+            f"call exceeded {self.options.max_call_seconds:g}s",
         )
         self._spawn(self._read_telephony(), "telephony-reader")
         if self._end_requested.is_set():
@@ -636,13 +637,10 @@ class Call:
             for hook in self.hooks.on_agent_end_call:
                 await self._run_hook("on_agent_end_call", hook, self)
         # The agent closes its socket right after end_call; if it does not, end anyway.
-        self._timers.append(
-            self._loop.call_later(
-                self.options.agent_close_grace,
-                self.request_end,
-                EndReason.AGENT_ENDED,
-                "end_call (the agent did not close its socket)",
-            )
+        self._end_after(
+            self.options.agent_close_grace,
+            EndReason.AGENT_ENDED,
+            "end_call (the agent did not close its socket)",
         )
 
     def _on_agent_closed(self, event: AgentClosed) -> None:

@@ -25,6 +25,22 @@ __all__ = ["CallRow", "CallStore", "Page"]
 
 ListOfDicts = list[dict[str, Any]]
 
+# CallRecord fields stored as they are (same name on the row).
+_COPIED_FIELDS = (
+    "stream_sid",
+    "conversation_id",
+    "direction",
+    "from_number",
+    "to_number",
+    "status",
+    "end_reason",
+    "end_detail",
+    "started_at",
+    "answered_at",
+    "ended_at",
+    "duration_s",
+)
+
 log = logging.getLogger("callbridge.store")
 
 
@@ -154,18 +170,8 @@ class CallStore:
                 if row is None:
                     row = CallRow(call_sid=record.call_sid)
                     session.add(row)
-                row.stream_sid = record.stream_sid
-                row.conversation_id = record.conversation_id
-                row.direction = record.direction
-                row.from_number = record.from_number
-                row.to_number = record.to_number
-                row.status = record.status
-                row.end_reason = record.end_reason
-                row.end_detail = record.end_detail
-                row.started_at = record.started_at
-                row.answered_at = record.answered_at
-                row.ended_at = record.ended_at
-                row.duration_s = record.duration_s
+                for name in _COPIED_FIELDS:
+                    setattr(row, name, getattr(record, name))
                 row.transcript = list(record.transcript)
                 row.timeline = list(record.timeline)
                 row.metrics = dict(record.metrics)

@@ -28,6 +28,7 @@ from callbridge.agents.base import (
     AgentWarning,
     ToolCallRequest,
 )
+from callbridge.wire import decode_object
 
 __all__ = ["AGENT_FORMATS", "ElevenLabsProtocol", "close_outcome"]
 
@@ -68,11 +69,6 @@ def _event_id(obj: Mapping[str, Any]) -> int | None:
     if isinstance(value, str) and value.lstrip("-").isdigit():
         return int(value)
     return None
-
-
-def _short(text: str | bytes, limit: int = 120) -> str:
-    shown = text if isinstance(text, str) else repr(text)
-    return shown if len(shown) <= limit else shown[:limit] + "..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,14 +155,9 @@ class ElevenLabsProtocol:
 
     def receive(self, frame: str | bytes) -> AgentEvent | AgentReady | None:
         """Parse one server frame. Returns None for frames with nothing for the call."""
-        if isinstance(frame, bytes):
-            return AgentWarning(f"binary frame of {len(frame)} bytes (the agent sends JSON text)")
-        try:
-            msg = json.loads(frame)
-        except (json.JSONDecodeError, RecursionError):
-            return AgentWarning(f"malformed JSON from agent: {_short(frame)}")
-        if not isinstance(msg, dict):
-            return AgentWarning(f"agent message is not a JSON object: {_short(frame)}")
+        msg = decode_object(frame, "the agent")
+        if isinstance(msg, str):
+            return AgentWarning(msg)
         kind = msg.get("type")
         try:
             handler = _HANDLERS.get(kind) if isinstance(kind, str) else None

@@ -28,6 +28,7 @@ from callbridge.telephony.base import (
     StreamInfo,
     TelephonyWarning,
 )
+from callbridge.wire import decode_object
 
 __all__ = ["Connected", "TwilioEvent", "TwilioStreamProtocol"]
 
@@ -58,11 +59,6 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def _short(text: str | bytes, limit: int = 120) -> str:
-    shown = text if isinstance(text, str) else repr(text)
-    return shown if len(shown) <= limit else shown[:limit] + "..."
-
-
 @dataclass
 class TwilioStreamProtocol:
     """State of one Media Stream as seen by the bridge (the WebSocket server side)."""
@@ -80,14 +76,9 @@ class TwilioStreamProtocol:
 
     def receive(self, frame: str | bytes) -> TwilioEvent | None:
         """Parse one frame from Twilio; returns None for a frame to skip silently."""
-        if isinstance(frame, bytes):
-            return TelephonyWarning(f"binary frame of {len(frame)} bytes (Twilio sends JSON text)")
-        try:
-            msg = json.loads(frame)
-        except (json.JSONDecodeError, RecursionError):
-            return TelephonyWarning(f"malformed JSON: {_short(frame)}")
-        if not isinstance(msg, dict):
-            return TelephonyWarning(f"message is not a JSON object: {_short(frame)}")
+        msg = decode_object(frame, "Twilio")
+        if isinstance(msg, str):
+            return TelephonyWarning(msg)
         event = msg.get("event")
         if event == "media":
             return self._on_media(msg)

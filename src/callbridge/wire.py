@@ -1,0 +1,27 @@
+"""What both protocol modules do first with a WebSocket frame: get one JSON object out of it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["decode_object", "shorten"]
+
+
+def shorten(text: str | bytes, limit: int = 120) -> str:
+    """A frame as it may appear in a log line: bounded, binary shown as repr."""
+    shown = text if isinstance(text, str) else repr(text)
+    return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+def decode_object(frame: str | bytes, peer: str) -> dict[str, Any] | str:
+    """The frame's JSON object, or a readable reason why there is none (never raises)."""
+    if isinstance(frame, bytes):
+        return f"binary frame of {len(frame)} bytes ({peer} sends JSON text)"
+    try:
+        msg = json.loads(frame)
+    except (json.JSONDecodeError, RecursionError):
+        return f"malformed JSON from {peer}: {shorten(frame)}"
+    if not isinstance(msg, dict):
+        return f"{peer} message is not a JSON object: {shorten(frame)}"
+    return msg
