@@ -24,7 +24,7 @@ import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
@@ -120,6 +120,9 @@ class CallOptions:
     persist_timeout: float = 10.0
     fallback_twiml: str | None = None  # after an agent failure: redirect here instead of hanging up
     silence_threshold: int = 600  # peak linear amplitude that counts as the caller speaking
+    # An agent that sends nothing at all (not even its pings) for this long is stuck:
+    # the caller would hear silence until max duration. ElevenLabs pings every few seconds.
+    agent_idle_timeout: float | None = 60.0
 
 
 @dataclass
@@ -155,6 +158,18 @@ class CallRecord:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CallRecord:
+        """The inverse of `to_dict` (records spooled to a file come back this way)."""
+        values = dict(data)
+        values["from_number"] = values.pop("from", None)
+        values["to_number"] = values.pop("to", None)
+        for key in ("started_at", "answered_at", "ended_at"):
+            if values.get(key):
+                values[key] = datetime.fromisoformat(values[key])
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 class RecordSink(Protocol):
@@ -323,9 +338,12 @@ class Call:
             except Exception:
                 log.exception("state observer failed")
 
+    def _after(self, delay: float, callback: Callable[..., object], *args: object) -> None:
+        """A timer (a loop handle, not a task); every one is cancelled at teardown."""
+        self._timers.append(self._loop.call_later(delay, callback, *args))
+
     def _end_after(self, delay: float, reason: EndReason, detail: str) -> None:
-        """A timer (a loop handle, not a task) that ends the call; cancelled at teardown."""
-        self._timers.append(self._loop.call_later(delay, self.request_end, reason, detail))
+        self._after(delay, self.request_end, reason, detail)
 
     def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -460,6 +478,8 @@ class Call:
         self._last_activity = self._loop.time()
         if self.options.silence_timeout:
             self._arm_silence_timer(self.options.silence_timeout)
+        if self.options.agent_idle_timeout:
+            self._after(self.options.agent_idle_timeout, self._agent_idle_check)
         self._spawn(self._read_agent(), "agent-reader")
 
     # -- caller side ---------------------------------------------------------
@@ -541,6 +561,16 @@ class Call:
             self._arm_silence_timer(timeout - idle)
 
     # -- agent side ----------------------------------------------------------
+
+    def _agent_idle_check(self) -> None:
+        timeout, agent = self.options.agent_idle_timeout, self.agent
+        if timeout is None or agent is None or self.end_reason is not None:
+            return
+        idle = self._loop.time() - agent.last_received
+        if idle >= timeout:
+            self.request_end(EndReason.AGENT_ERROR, f"the agent sent nothing for {idle:.1f}s (stalled)")
+        else:
+            self._after(timeout - idle, self._agent_idle_check)
 
     async def _read_agent(self) -> None:
         agent = self.agent

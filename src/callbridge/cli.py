@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -72,7 +73,11 @@ def _run_server(settings: Settings, host: str, port: int, sockets: list[Any] | N
     server.run(sockets=sockets)
 
 
-def _worker(sockets: list[Any] | None = None) -> None:
+def _worker(sockets: list[Any] | None = None, index: int = 0) -> None:
+    # Each worker is its own instance in the records: a restarted worker must reconcile
+    # only the calls it left open, never its live siblings'.
+    base = os.environ.get("CALLBRIDGE_INSTANCE_ID") or socket.gethostname()
+    os.environ["CALLBRIDGE_INSTANCE_ID"] = f"{base}-w{index}"
     configure_logging(
         os.environ.get("CALLBRIDGE_LOG_LEVEL", "info"), os.environ.get("CALLBRIDGE_JSON_LOGS") == "1"
     )
@@ -106,7 +111,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _supervise(host: str, port: int, workers: int) -> None:
     import multiprocessing
     import signal
-    import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -115,7 +119,10 @@ def _supervise(host: str, port: int, workers: int) -> None:
     sock.listen(2048)
     sock.set_inheritable(True)
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, kwargs={"sockets": [sock]}, daemon=False) for _ in range(workers)]
+    procs = [
+        ctx.Process(target=_worker, kwargs={"sockets": [sock], "index": i}, daemon=False)
+        for i in range(workers)
+    ]
     for proc in procs:
         proc.start()
 

@@ -7,8 +7,9 @@ reported at once, one clear line each, and no secret is ever echoed back.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -55,6 +56,8 @@ _VARS: dict[str, tuple[str, str]] = {
     "CALLBRIDGE_AGENT_CONNECT_TIMEOUT_SECONDS": ("agent_connect_timeout", "pos_float"),
     "CALLBRIDGE_FINAL_AUDIO_TIMEOUT_SECONDS": ("final_audio_timeout", "pos_float"),
     "CALLBRIDGE_SILENCE_TIMEOUT_SECONDS": ("silence_timeout", "pos_float"),
+    "CALLBRIDGE_AGENT_IDLE_TIMEOUT_SECONDS": ("agent_idle_timeout", "pos_float"),
+    "CALLBRIDGE_INSTANCE_ID": ("instance_id", "str"),
     "CALLBRIDGE_FALLBACK_TWIML": ("fallback_twiml", "twiml"),
 }
 ENV_VARS: dict[str, str] = {field: var for var, (field, _kind) in _VARS.items()}
@@ -78,7 +81,10 @@ class Settings:
     agent_connect_timeout: float = 10.0
     final_audio_timeout: float = 15.0
     silence_timeout: float | None = None
+    agent_idle_timeout: float = 60.0
     fallback_twiml: str | None = None
+    # Names this process in the records, so that a restart reconciles only its own calls.
+    instance_id: str = field(default_factory=socket.gethostname)
 
     def __repr__(self) -> str:
         shown = []
@@ -144,6 +150,7 @@ class Settings:
             silence_timeout=self.silence_timeout,
             final_audio_timeout=self.final_audio_timeout,
             fallback_twiml=self.fallback_twiml,
+            agent_idle_timeout=self.agent_idle_timeout,
         )
 
     def stream_url(self) -> str:

@@ -1,15 +1,20 @@
 """Call records through SQLAlchemy 2 (async): a SQLite file by default, PostgreSQL by URL.
 
 `CallStore.save` is the `RecordSink` of the bridge: called when a call starts and
-when it ends (an upsert by call SID). A save that fails is kept in memory and
-written with the next successful save or at `close()`: a record is never dropped
-because the database hiccupped at the moment the call ended.
+when it ends (an upsert by call SID). A record is never dropped because the
+database hiccupped at the moment the call ended: a failed save is kept in memory
+and retried with backoff (and with every later save); if the database is still
+unwritable at `close()`, the records go to a spool file (JSON lines) that the next
+`init()` writes to the database.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -116,29 +121,46 @@ class Page:
 
 
 class CallStore:
-    def __init__(self, url: str, instance: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        instance: str | None = None,
+        busy_timeout: float = 5.0,
+        spool_path: str | None = None,
+    ) -> None:
         self.url = url
         self.instance = instance
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
-            # SQLite: wait for a lock rather than fail at once (several writers in one process).
-            kwargs["connect_args"] = {"timeout": 5}
+            # SQLite: wait this long for a lock rather than fail at once.
+            kwargs["connect_args"] = {"timeout": busy_timeout}
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         self._session = async_sessionmaker(self.engine, expire_on_commit=False)
         self._pending: dict[str, CallRecord] = {}
         self._lock = asyncio.Lock()
+        self.spool_path = spool_path or os.path.abspath("callbridge-unsaved-records.jsonl")
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._retry_task: asyncio.Task[None] | None = None
+        self._retry_delay = 0.5
+        self.saves_failed = 0
 
     async def init(self) -> None:
         async with self.engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
+        await self._load_spool()
 
     async def close(self) -> None:
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+        if self._retry_task is not None:
+            self._retry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry_task
         if self._pending:
             try:
-                await self._write(list(self._pending.values()))
-                self._pending.clear()
+                await self._flush()
             except SQLAlchemyError as exc:
-                log.error("store: %d call records could not be written at close: %r", len(self._pending), exc)
+                self._spool(exc)
         await self.engine.dispose()
 
     @property
@@ -148,20 +170,88 @@ class CallStore:
     async def save(self, record: CallRecord) -> None:
         if not record.call_sid:
             return
+        self._pending[record.call_sid] = record
+        try:
+            await self._flush()
+        except SQLAlchemyError as exc:
+            self.saves_failed += 1
+            log.error(
+                "store: saving call %s failed (%r); kept in memory, retrying (%d pending)",
+                record.call_sid,
+                exc,
+                len(self._pending),
+            )
+            self._schedule_retry()
+            raise
+
+    async def _flush(self) -> None:
         async with self._lock:
-            batch = [*self._pending.values(), record] if self._pending else [record]
-            try:
-                await self._write(batch)
-            except SQLAlchemyError as exc:
-                self._pending[record.call_sid] = record
-                log.error(
-                    "store: saving call %s failed (%r); kept in memory (%d pending)",
-                    record.call_sid,
-                    exc,
-                    len(self._pending),
-                )
-                raise
+            if not self._pending:
+                return
+            batch = list(self._pending.values())
+            await self._write(batch)
+            for record in batch:
+                if self._pending.get(record.call_sid or "") is record:
+                    del self._pending[record.call_sid or ""]
+            self._retry_delay = 0.5
+
+    def _schedule_retry(self) -> None:
+        if self._retry_handle is not None or (self._retry_task is not None and not self._retry_task.done()):
+            return
+        delay, self._retry_delay = self._retry_delay, min(self._retry_delay * 2, 30.0)
+        self._retry_handle = asyncio.get_running_loop().call_later(delay, self._start_retry)
+
+    def _start_retry(self) -> None:
+        self._retry_handle = None
+        self._retry_task = asyncio.ensure_future(self._retry())
+
+    async def _retry(self) -> None:
+        try:
+            await self._flush()
+            log.info("store: pending call records written")
+        except SQLAlchemyError as exc:
+            log.warning("store: retry failed (%r); %d records still pending", exc, len(self._pending))
+            self._retry_task = None
+            self._schedule_retry()
+
+    def _spool(self, exc: BaseException) -> None:
+        """Last resort at close: the records go to a file the next start writes back."""
+        try:
+            with open(self.spool_path, "a", encoding="utf-8") as spool:
+                for record in self._pending.values():
+                    spool.write(json.dumps(record.to_dict()) + "\n")
+            log.error(
+                "store: database unwritable at close (%r): %d call records spooled to %s",
+                exc,
+                len(self._pending),
+                self.spool_path,
+            )
             self._pending.clear()
+        except OSError as err:
+            log.critical("store: %d call records could not be saved anywhere: %r", len(self._pending), err)
+
+    def _read_spool(self) -> list[str]:
+        # Once, at start, and small: no need to leave the event loop for it.
+        if not os.path.exists(self.spool_path):
+            return []
+        with open(self.spool_path, encoding="utf-8") as spool:
+            return [line for line in spool if line.strip()]
+
+    async def _load_spool(self) -> None:
+        lines = self._read_spool()
+        if not lines:
+            return
+        for line in lines:
+            try:
+                record = CallRecord.from_dict(json.loads(line))
+            except (ValueError, TypeError, KeyError) as exc:
+                log.error("store: unreadable spooled record skipped: %r", exc)
+                continue
+            if record.call_sid:
+                self._pending[record.call_sid] = record
+        await self._flush()
+        os.remove(self.spool_path)
+        log.info("store: %d spooled call records written from %s", len(lines), self.spool_path)
 
     async def _write(self, records: list[CallRecord]) -> None:
         async with self._session() as session, session.begin():
@@ -256,10 +346,13 @@ class CallStore:
                     )
                 )
 
-    async def active_call_sids(self) -> list[str]:
+    async def active_call_sids(self, instance: str | None = None) -> list[str]:
+        """Calls recorded as live (by one instance, if given)."""
+        query = select(CallRow.call_sid).where(CallRow.status == "active")
+        if instance is not None:
+            query = query.where(CallRow.instance == instance)
         async with self._session() as session:
-            rows = await session.scalars(select(CallRow.call_sid).where(CallRow.status == "active"))
-            return list(rows.all())
+            return list((await session.scalars(query)).all())
 
     async def close_record(self, call_sid: str, reason: str, detail: str) -> None:
         async with self._session() as session, session.begin():

@@ -138,3 +138,8 @@ class AgentSession(Protocol):
 
     @property
     def is_open(self) -> bool: ...
+
+    @property
+    def last_received(self) -> float:
+        """Event-loop time of the last frame from the agent (pings included)."""
+        ...

@@ -6,11 +6,13 @@ Routes: Twilio's voice webhook, the media-stream WebSocket, status callbacks, th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import secrets
 import time
@@ -37,6 +39,7 @@ from callbridge.bridge import DYNAMIC_VARIABLE_PREFIX, Bridge
 from callbridge.call import CallHooks, EndReason, Tool
 from callbridge.config import Settings
 from callbridge.logs import log_event
+from callbridge.recovery import reconcile
 from callbridge.store import CallStore
 from callbridge.telephony.base import CallControl, CallControlError, StreamInfo
 from callbridge.telephony.twilio.control import TwilioCallControl
@@ -105,6 +108,7 @@ class AppState:
     control: CallControl
     validator: RequestValidator
     token_key: bytes
+    reconciled: asyncio.Event = field(default_factory=asyncio.Event)
     used_refs: OrderedDict[str, float] = field(default_factory=OrderedDict)
     outbound_refs: dict[str, str] = field(default_factory=dict)
     pending_streams: OrderedDict[str, float] = field(default_factory=OrderedDict)
@@ -176,6 +180,16 @@ class AppState:
         if not signature:
             return False
         return bool(self.validator.validate(url, dict(params), signature))
+
+
+def spool_path_for(database_url: str) -> str | None:
+    """Unsaved records go next to a SQLite file; elsewhere, the working directory."""
+    marker = ":///"
+    if database_url.startswith("sqlite") and marker in database_url:
+        path = database_url.split(marker, 1)[1]
+        if path and path != ":memory:":
+            return os.path.join(os.path.dirname(os.path.abspath(path)), "callbridge-unsaved-records.jsonl")
+    return None
 
 
 def connect_twiml(stream_url: str, params: Mapping[str, str]) -> str:
@@ -288,7 +302,9 @@ def create_app(
     control = control or TwilioCallControl(
         settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url
     )
-    store = store or CallStore(settings.database_url)
+    store = store or CallStore(
+        settings.database_url, instance=settings.instance_id, spool_path=spool_path_for(settings.database_url)
+    )
     agent_factory = agent_factory or session_factory(
         ElevenLabsConfig(
             agent_id=settings.elevenlabs_agent_id,
@@ -498,15 +514,27 @@ def create_app(
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def recover() -> None:
+        try:
+            await reconcile(store, control, settings.instance_id)
+        except Exception:
+            log.exception("crash recovery failed")
+        finally:
+            state.reconciled.set()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.init()
         log_event(
             log, "server.started", public_url=settings.public_url, max_calls=settings.max_concurrent_calls
         )
+        recovery = asyncio.ensure_future(recover())
         try:
             yield
         finally:
+            recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recovery
             await bridge.shutdown(0)
             aclose = getattr(control, "aclose", None)
             if aclose is not None:

@@ -138,3 +138,7 @@ class CallControl(Protocol):
     async def redirect(self, call_sid: str, twiml: str) -> None:
         """Replace the call's TwiML (transfer, fallback). Raises `CallControlError`."""
         ...
+
+    async def fetch_status(self, call_sid: str) -> str | None:
+        """The carrier's status of the call (None: no such call). Raises `CallControlError`."""
+        ...

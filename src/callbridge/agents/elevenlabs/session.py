@@ -73,10 +73,15 @@ class ElevenLabsSession:
         self._early: list[AgentEvent] = []
         self._closing = False
         self._open = False
+        self._last_received = 0.0
 
     @property
     def is_open(self) -> bool:
         return self._open
+
+    @property
+    def last_received(self) -> float:
+        return self._last_received
 
     @property
     def conversation_id(self) -> str | None:
@@ -140,6 +145,7 @@ class ElevenLabsSession:
         except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
             raise AgentUnreachable(f"agent connection failed: {type(exc).__name__}: {exc}") from None
         self._open = True
+        self._last_received = asyncio.get_running_loop().time()
         try:
             await self._ws.send(
                 self.protocol.initiation(
@@ -183,9 +189,11 @@ class ElevenLabsSession:
             yield early
         self._early.clear()
         parse = self.protocol.receive
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 frame = await ws.recv()
+                self._last_received = loop.time()
                 event = parse(frame)
                 if self.protocol.outbox:
                     await self._flush_outbox()
