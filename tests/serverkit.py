@@ -18,6 +18,7 @@ from callbridge.emulators.elevenlabs import AgentEmulator
 from callbridge.emulators.twilio import TwilioEmulator
 from callbridge.server.app import AppState, create_app
 from callbridge.server.run import GracefulServer, make_config
+from callbridge.store import CallStore
 
 API_TOKEN = "test-api-token-0123456789"
 
@@ -66,7 +67,10 @@ def settings_for(twilio: TwilioEmulator, agent: AgentEmulator, db: Path, **overr
 
 @contextlib.asynccontextmanager
 async def running_server(
-    settings: Settings, hooks: CallHooks | None = None, tools: dict[str, Tool] | None = None
+    settings: Settings,
+    hooks: CallHooks | None = None,
+    tools: dict[str, Tool] | None = None,
+    store: CallStore | None = None,
 ) -> AsyncIterator[RunningServer]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -74,7 +78,7 @@ async def running_server(
     url = f"http://127.0.0.1:{port}"
     settings = replace(settings, public_url=url)
     hooks = hooks or CallHooks()
-    app = create_app(settings, hooks=hooks, tools=tools)
+    app = create_app(settings, hooks=hooks, tools=tools, store=store)
     state: AppState = app.state.callbridge
     server = GracefulServer(make_config(app, "127.0.0.1", port), state)
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))

@@ -46,12 +46,16 @@ async def reconcile(store: CallStore, control: CallControl, instance: str) -> li
             if status is None:
                 detail = f"{prefix} Twilio had no such call"
             elif status in STILL_UP:
+                # Close the record first: the hang-up makes Twilio send a status callback,
+                # which must find the record already closed with what happened here.
+                detail = f"{prefix} Twilio reported it {status}: hung up"
+                await store.close_record(call_sid, EndReason.SHUTDOWN.value, detail)
                 try:
                     await control.hangup(call_sid)
                     hung_up = True
-                    detail = f"{prefix} Twilio reported it {status}: hung up"
                 except CallControlError as exc:
                     detail = f"{prefix} Twilio reported it {status}; the hang-up failed ({exc})"
+                    await store.close_record(call_sid, EndReason.SHUTDOWN.value, detail, force=True)
             else:
                 detail = f"{prefix} Twilio reported it {status}"
         await store.close_record(call_sid, EndReason.SHUTDOWN.value, detail)

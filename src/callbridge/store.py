@@ -354,10 +354,11 @@ class CallStore:
         async with self._session() as session:
             return list((await session.scalars(query)).all())
 
-    async def close_record(self, call_sid: str, reason: str, detail: str) -> None:
+    async def close_record(self, call_sid: str, reason: str, detail: str, force: bool = False) -> None:
+        """End a record left open; `force` rewrites the reason and detail of an ended one."""
         async with self._session() as session, session.begin():
             row = await session.get(CallRow, call_sid)
-            if row is None or row.status == "ended":
+            if row is None or (row.status == "ended" and not force):
                 return
             row.status = "ended"
             row.end_reason = reason
