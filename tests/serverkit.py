@@ -19,6 +19,7 @@ from callbridge.emulators.twilio import TwilioEmulator
 from callbridge.server.app import AppState, create_app
 from callbridge.server.run import GracefulServer, make_config
 from callbridge.store import CallStore
+from callbridge.telephony.twilio.control import TwilioCallControl
 
 API_TOKEN = "test-api-token-0123456789"
 
@@ -71,6 +72,7 @@ async def running_server(
     hooks: CallHooks | None = None,
     tools: dict[str, Tool] | None = None,
     store: CallStore | None = None,
+    control: TwilioCallControl | None = None,
 ) -> AsyncIterator[RunningServer]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -78,7 +80,7 @@ async def running_server(
     url = f"http://127.0.0.1:{port}"
     settings = replace(settings, public_url=url)
     hooks = hooks or CallHooks()
-    app = create_app(settings, hooks=hooks, tools=tools, store=store)
+    app = create_app(settings, hooks=hooks, tools=tools, store=store, control=control)
     state: AppState = app.state.callbridge
     server = GracefulServer(make_config(app, "127.0.0.1", port), state)
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))

@@ -57,6 +57,8 @@ _VARS: dict[str, tuple[str, str]] = {
     "CALLBRIDGE_FINAL_AUDIO_TIMEOUT_SECONDS": ("final_audio_timeout", "pos_float"),
     "CALLBRIDGE_SILENCE_TIMEOUT_SECONDS": ("silence_timeout", "pos_float"),
     "CALLBRIDGE_AGENT_IDLE_TIMEOUT_SECONDS": ("agent_idle_timeout", "pos_float"),
+    "CALLBRIDGE_HOOK_TIMEOUT_SECONDS": ("hook_timeout", "pos_float"),
+    "CALLBRIDGE_TOOL_TIMEOUT_SECONDS": ("tool_timeout", "pos_float"),
     "CALLBRIDGE_INSTANCE_ID": ("instance_id", "str"),
     "CALLBRIDGE_FALLBACK_TWIML": ("fallback_twiml", "twiml"),
 }
@@ -82,6 +84,8 @@ class Settings:
     final_audio_timeout: float = 15.0
     silence_timeout: float | None = None
     agent_idle_timeout: float = 60.0
+    hook_timeout: float = 10.0
+    tool_timeout: float = 20.0
     fallback_twiml: str | None = None
     # Names this process in the records, so that a restart reconciles only its own calls.
     instance_id: str = field(default_factory=socket.gethostname)
@@ -151,6 +155,8 @@ class Settings:
             final_audio_timeout=self.final_audio_timeout,
             fallback_twiml=self.fallback_twiml,
             agent_idle_timeout=self.agent_idle_timeout,
+            hook_timeout=self.hook_timeout,
+            tool_timeout=self.tool_timeout,
         )
 
     def stream_url(self) -> str:

@@ -32,19 +32,25 @@ log = logging.getLogger("callbridge.twilio")
 ALREADY_ENDED_CODES = frozenset({20404, 21220})
 T = TypeVar("T")
 
-# Retry-After of the latest response in *this task*: the HTTP client is shared by
-# every call, so a plain attribute would race between calls.
-_retry_after: contextvars.ContextVar[float | None] = contextvars.ContextVar("retry_after", default=None)
+# Retry-After of the latest response of *this* operation. The HTTP client is shared by
+# every call, so a plain attribute would race between calls; and each attempt runs in
+# a child task (wait_for), whose own context changes never reach the retry loop, so
+# the context carries a holder that the attempt fills in.
+_retry_after: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "retry_after", default=None
+)
 
 
 class _HttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
     async def request(self, *args: Any, **kwargs: Any) -> Response:
         response: Response = await super().request(*args, **kwargs)
+        holder = _retry_after.get()
         value = response.headers.get("Retry-After") if response.headers else None
-        try:
-            _retry_after.set(float(value) if value is not None else None)
-        except ValueError:
-            _retry_after.set(None)  # an HTTP-date form: fall back to our own backoff
+        if holder is not None and value is not None:
+            try:
+                holder["seconds"] = float(value)
+            except ValueError:
+                pass  # an HTTP-date form: fall back to our own backoff
         return response
 
 
@@ -123,7 +129,8 @@ class TwilioCallControl:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            _retry_after.set(None)
+            hint: dict[str, float] = {}
+            _retry_after.set(hint)
             try:
                 return await asyncio.wait_for(op(), min(policy.request_timeout, remaining))
             except (TwilioRestException, TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -132,7 +139,7 @@ class TwilioCallControl:
                     break
                 delay = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
                 delay *= 0.5 + random.random()  # jitter: calls ending together must not retry in step
-                hinted = _retry_after.get()
+                hinted = hint.get("seconds")
                 if hinted is not None:
                     delay = min(max(delay, hinted), policy.max_delay)
                 if loop.time() + delay >= deadline:
