@@ -915,12 +915,16 @@ class _Session:
         deadline = loop.time() + limit
         while not condition():
             remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
+            if remaining <= 0 or self.ws.state is State.CLOSED:
+                return False  # a client that is gone will never satisfy the condition
             # Clearing right after the check cannot lose a wake-up: nothing runs in between.
             self._activity.clear()
+            # asyncio.timeout, not wait_for: on 3.11, wait_for swallows a cancellation that
+            # arrives together with the event (the close sets it), and the step would then
+            # wait out its whole timeout on a closed connection.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._activity.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._activity.wait()
         return True
 
     async def _client_tool_call(self, step: ClientToolCall) -> None:

@@ -201,6 +201,10 @@ class ElevenLabsSession:
                 self._open = False
                 if self._closing:
                     yield AgentClosed(by_agent=False, code=1000, detail="closed by the bridge")
+                elif exc.rcvd is None and exc.sent is not None:
+                    # Our client failed the connection: e.g. 1009, a frame over max_message_bytes.
+                    detail = f"the bridge closed the agent connection: {exc.sent.code} {exc.sent.reason}"
+                    yield AgentClosed(by_agent=False, code=exc.sent.code, detail=detail.strip())
                 else:
                     code = exc.rcvd.code if exc.rcvd else None
                     reason = exc.rcvd.reason if exc.rcvd else ""
