@@ -1,0 +1,280 @@
+"""Soak: many concurrent calls with random faults against a real `callbridge serve` process.
+
+CI runs a small size; by hand, a large one, e.g.:
+
+    SOAK_CALLS=2000 SOAK_CONCURRENCY=200 .venv/bin/pytest -q -m soak tests/test_soak.py -s
+
+For every call: exactly one end reason and the expected one, the emulated Twilio call not
+left in progress, the agent socket closed. For the process: open descriptors back to
+their baseline, memory back near it, and /metrics in agreement with the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from callbridge.emulators.elevenlabs import (
+    AgentEmulator,
+    AgentScript,
+    Close,
+    Drop,
+    EndCall,
+    Garbage,
+    Say,
+    Stall,
+    WaitForUser,
+)
+from callbridge.emulators.speech import load_speech
+from callbridge.emulators.twilio import EmulatedCall, TwilioEmulator
+from tests.serverkit import API_TOKEN
+from tests.test_cli import clean_env
+from tests.test_reliability import _free_port, _serve
+
+pytestmark = pytest.mark.soak
+
+CALLS = int(os.environ.get("SOAK_CALLS", "24"))
+CONCURRENCY = int(os.environ.get("SOAK_CONCURRENCY", "8"))
+SEED = int(os.environ.get("SOAK_SEED", "20261125"))
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    agent_steps: tuple[Any, ...]  # what the agent does after its greeting
+    caller: str | None  # what the caller does ~1 s into the call: "hangup" | "close" | "drop"
+    expected: str
+
+
+FAULTS = [
+    Fault(
+        "normal", (WaitForUser(0.5), EndCall("Goodbye!", seconds=0.5, close_delay=0.05)), None, "agent_ended"
+    ),
+    Fault(
+        "garbage_then_normal",
+        (Garbage("{oops"), WaitForUser(0.3), EndCall("Bye.", seconds=0.4, close_delay=0.05)),
+        None,
+        "agent_ended",
+    ),
+    Fault("agent_1011", (Close(1011, ""),), None, "agent_error"),
+    Fault(
+        "agent_1002",
+        (Close(1002, "", error={"error_type": "llm_error", "message": "x"}),),
+        None,
+        "agent_error",
+    ),
+    Fault("agent_drop", (Drop(),), None, "agent_error"),
+    Fault("agent_stall", (Stall(),), None, "agent_error"),
+    Fault("caller_hangup", (Say("Let me explain at length.", seconds=20.0),), "hangup", "caller_hung_up"),
+    Fault("caller_close_no_stop", (Say("Let me explain.", seconds=20.0),), "close", "telephony_error"),
+    Fault("caller_tcp_drop", (Say("Let me explain.", seconds=20.0),), "drop", "telephony_error"),
+]
+
+
+def script_for(fault: Fault) -> AgentScript:
+    return AgentScript(
+        steps=[Say("Hello, thanks for calling.", seconds=0.4), *fault.agent_steps],
+        realtime_factor=1.0,
+        ping_interval=0.5,
+        chunk_ms=200,
+    )
+
+
+def proc_stats(pid: int) -> tuple[int, int]:
+    """(resident memory in KiB, open descriptors) of a process."""
+    with open(f"/proc/{pid}/status") as status:
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def open_files(pid: int) -> list[str]:
+    out = []
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            out.append(f"{fd}->{os.readlink(f'/proc/{pid}/fd/{fd}')}")
+        except OSError:
+            pass
+    return out
+
+
+def write_report(summary: dict[str, Any]) -> None:
+    out = os.environ.get("SOAK_REPORT")
+    if out:
+        Path(out).write_text(json.dumps(summary, indent=2))
+
+
+class Dialer:
+    """Places calls one at a time up to the agent's session, so that the n-th agent
+    session is the n-th call and gets that call's scripted fault."""
+
+    def __init__(self, twilio: TwilioEmulator, agent: AgentEmulator, url: str, rng: random.Random) -> None:
+        self.twilio, self.agent, self.url, self.rng = twilio, agent, url, rng
+        self.faults: list[Fault] = []
+        self._setup = asyncio.Lock()
+
+    def script(self, agent_id: str, n: int) -> AgentScript:
+        return script_for(self.faults[n])
+
+    async def call(self, fault: Fault) -> tuple[EmulatedCall, Fault]:
+        async with self._setup:
+            self.faults.append(fault)
+            call = await self.twilio.place_inbound_call(
+                f"{self.url}/twilio/inbound", audio=load_speech("caller_hello")
+            )
+            await self.agent.wait_for_conversations(len(self.faults), timeout=15)
+        if fault.caller is not None and call.stream is not None:
+            await asyncio.sleep(0.8 + self.rng.random() * 0.6)
+            action = {
+                "hangup": call.stream.hangup,
+                "close": call.stream.close_without_stop,
+                "drop": call.stream.drop,
+            }
+            await action[fault.caller]()
+        await call.wait_ended(30)
+        return call, fault
+
+
+async def test_soak(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    plan = [rng.choice(FAULTS) for _ in range(CALLS)]
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    dialer: Dialer | None = None
+
+    def scripts(agent_id: str, n: int) -> AgentScript:
+        assert dialer is not None
+        return dialer.script(agent_id, n)
+
+    async with (
+        TwilioEmulator(record_media=False) as twilio,
+        AgentEmulator(script_factory=scripts) as agent,
+    ):
+        dialer = Dialer(twilio, agent, url, rng)
+        env = clean_env() | {
+            "TWILIO_ACCOUNT_SID": twilio.account_sid,
+            "TWILIO_AUTH_TOKEN": twilio.auth_token,
+            "TWILIO_API_BASE_URL": twilio.base_url,
+            "ELEVENLABS_AGENT_ID": "agent_soak",
+            "ELEVENLABS_API_BASE_URL": agent.base_url,
+            "CALLBRIDGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
+            "CALLBRIDGE_DATABASE_URL": f"sqlite:///{tmp_path / 'calls.db'}",
+            "CALLBRIDGE_API_TOKEN": API_TOKEN,
+            "CALLBRIDGE_AGENT_IDLE_TIMEOUT_SECONDS": "1.5",
+            "CALLBRIDGE_FINAL_AUDIO_TIMEOUT_SECONDS": "3",
+            "CALLBRIDGE_MAX_CALL_SECONDS": "60",
+            "CALLBRIDGE_MAX_CONCURRENT_CALLS": str(max(CONCURRENCY * 2, 50)),
+        }
+        proc = await _serve(env, port)
+        assert proc.pid is not None
+        results: list[tuple[EmulatedCall, Fault]] = []
+        try:
+            # Warm up with one wave at full concurrency (imports; the database and HTTP
+            # connection pools grow to their working size), then take the baseline.
+            warmup = [asyncio.ensure_future(dialer.call(FAULTS[0])) for _ in range(CONCURRENCY)]
+            results.extend(await asyncio.gather(*warmup))
+            await asyncio.sleep(0.5)
+            base_rss, base_fds = proc_stats(proc.pid)
+            base_files = open_files(proc.pid)
+            peak_rss = base_rss
+            started = time.monotonic()
+
+            live: set[asyncio.Task[tuple[EmulatedCall, Fault]]] = set()
+            for fault in plan:
+                while len(live) >= CONCURRENCY:
+                    done, live = await asyncio.wait(live, return_when=asyncio.FIRST_COMPLETED)
+                    results.extend(t.result() for t in done)
+                    peak_rss = max(peak_rss, proc_stats(proc.pid)[0])
+                live.add(asyncio.ensure_future(dialer.call(fault)))
+            while live:
+                done, live = await asyncio.wait(live, return_when=asyncio.FIRST_COMPLETED)
+                results.extend(t.result() for t in done)
+                peak_rss = max(peak_rss, proc_stats(proc.pid)[0])
+            elapsed = time.monotonic() - started
+
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}",
+                headers={"Authorization": f"Bearer {API_TOKEN}"},
+                timeout=30,
+            ) as api:
+                records: dict[str, dict[str, Any]] = {}
+                for _ in range(100):
+                    offset: int | None = 0
+                    while offset is not None:
+                        page = (await api.get("/calls", params={"limit": 200, "offset": offset})).json()
+                        records.update({r["call_sid"]: r for r in page["calls"]})
+                        offset = page["next_offset"]
+                    if len(records) >= len(results) and all(r["status"] == "ended" for r in records.values()):
+                        break
+                    await asyncio.sleep(0.2)
+                metrics = (await api.get("/metrics")).text
+            await asyncio.sleep(1.0)  # sockets in teardown finish closing
+            end_rss, end_fds = proc_stats(proc.pid)
+            end_files = open_files(proc.pid)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 30)
+        conversations = list(agent.conversations)
+        for conv in conversations:
+            await asyncio.wait_for(conv.closed.wait(), 5)
+
+    # Every call: one record, the expected reason, the phone call over, the agent socket closed.
+    wrong = []
+    for call, fault in results:
+        record = records.get(call.sid)
+        assert record is not None, f"no record for {call.sid} ({fault.name})"
+        assert record["status"] == "ended"
+        if record["end_reason"] != fault.expected:
+            wrong.append((fault.name, record["end_reason"], record["end_detail"]))
+        assert call.status == "completed", (fault.name, call.status)
+    assert not wrong, wrong
+    assert len(records) == len(results) == CALLS + CONCURRENCY
+    assert all(c.closed.is_set() for c in conversations)
+
+    # /metrics agrees with the database.
+    in_db = Counter(r["end_reason"] for r in records.values())
+    for reason, count in in_db.items():
+        assert f'callbridge_calls_ended_total{{reason="{reason}"}} {float(count)}' in metrics, reason
+    assert "callbridge_active_calls 0.0" in metrics
+
+    # The process returns to its baseline.
+    # Sockets back to exactly the baseline; database handles are SQLAlchemy's pool, which
+    # may open more connections under load but never more than its bound (5 + 10 overflow).
+    def kinds(files: list[str]) -> tuple[list[str], list[str]]:
+        targets = [f.split("->", 1)[1] for f in files]
+        return [t for t in targets if not t.endswith("calls.db")], [
+            t for t in targets if t.endswith("calls.db")
+        ]
+
+    (base_other, _), (end_other, end_db) = kinds(base_files), kinds(end_files)
+    assert sorted(end_other) == sorted(base_other), f"descriptors: {base_files} before, {end_files} after"
+    assert len(end_db) <= 15, end_files
+    growth_mib = (end_rss - base_rss) / 1024
+    summary = {
+        "calls": CALLS,
+        "concurrency": CONCURRENCY,
+        "seconds": round(elapsed, 1),
+        "faults": dict(Counter(f.name for _, f in results)),
+        "end_reasons": dict(in_db),
+        "rss_mib": {
+            "baseline": round(base_rss / 1024, 1),
+            "peak": round(peak_rss / 1024, 1),
+            "after": round(end_rss / 1024, 1),
+        },
+        "fds": {"baseline": base_fds, "after": end_fds, "database_handles_after": len(kinds(end_files)[1])},
+    }
+    print("\nsoak:", json.dumps(summary))
+    write_report(summary)
+    # Allocator arenas are not always given back to the OS; a per-call leak would show as
+    # growth proportional to the calls (e.g. 1 MiB per call: CALLS MiB).
+    assert growth_mib < 16 + CALLS * 0.02, summary
