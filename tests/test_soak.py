@@ -12,6 +12,7 @@ their baseline, memory back near it, and /metrics in agreement with the database
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -47,6 +48,7 @@ pytestmark = pytest.mark.soak
 CALLS = int(os.environ.get("SOAK_CALLS", "24"))
 CONCURRENCY = int(os.environ.get("SOAK_CONCURRENCY", "8"))
 SEED = int(os.environ.get("SOAK_SEED", "20261125"))
+TALK = float(os.environ.get("SOAK_TALK_SECONDS", "0.4"))  # how long each call talks before its fault
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ FAULTS = [
 
 def script_for(fault: Fault) -> AgentScript:
     return AgentScript(
-        steps=[Say("Hello, thanks for calling.", seconds=0.4), *fault.agent_steps],
+        steps=[Say("Hello, thanks for calling.", seconds=TALK), *fault.agent_steps],
         realtime_factor=1.0,
         ping_interval=0.5,
         chunk_ms=200,
@@ -98,13 +100,34 @@ def proc_stats(pid: int) -> tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+_TCP_STATES = {"01": "ESTABLISHED", "06": "TIME_WAIT", "08": "CLOSE_WAIT", "0A": "LISTEN", "04": "FIN_WAIT1"}
+
+
+def _tcp_sockets(pid: int) -> dict[str, str]:
+    """socket inode -> "local_port->remote_port STATE" for the process's TCP sockets."""
+    out = {}
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                local, remote, state, inode = cols[1], cols[2], cols[3], cols[9]
+                lport, rport = int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)
+                out[inode] = f"{lport}->{rport} {_TCP_STATES.get(state, state)}"
+    return out
+
+
 def open_files(pid: int) -> list[str]:
+    """The process's descriptors; TCP sockets named by ports and state."""
+    tcp = _tcp_sockets(pid)
     out = []
     for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
         try:
-            out.append(f"{fd}->{os.readlink(f'/proc/{pid}/fd/{fd}')}")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
-            pass
+            continue
+        if target.startswith("socket:["):
+            target = "tcp " + tcp[target[8:-1]] if target[8:-1] in tcp else target
+        out.append(f"{fd}->{target}")
     return out
 
 
@@ -134,7 +157,7 @@ class Dialer:
             )
             await self.agent.wait_for_conversations(len(self.faults), timeout=15)
         if fault.caller is not None and call.stream is not None:
-            await asyncio.sleep(0.8 + self.rng.random() * 0.6)
+            await asyncio.sleep(TALK + 0.4 + self.rng.random() * 0.6)
             action = {
                 "hangup": call.stream.hangup,
                 "close": call.stream.close_without_stop,
@@ -161,6 +184,7 @@ async def test_soak(tmp_path: Path) -> None:
         AgentEmulator(script_factory=scripts) as agent,
     ):
         dialer = Dialer(twilio, agent, url, rng)
+        twilio_port = int(twilio.base_url.rsplit(":", 1)[1])
         env = clean_env() | {
             "TWILIO_ACCOUNT_SID": twilio.account_sid,
             "TWILIO_AUTH_TOKEN": twilio.auth_token,
@@ -189,6 +213,18 @@ async def test_soak(tmp_path: Path) -> None:
             peak_rss = base_rss
             started = time.monotonic()
 
+            peak_live = 0
+
+            async def sample_live() -> None:
+                nonlocal peak_live
+                async with httpx.AsyncClient(base_url=url, timeout=10) as probe:
+                    while True:
+                        text = (await probe.get("/metrics")).text
+                        line = next(x for x in text.splitlines() if x.startswith("callbridge_active_calls "))
+                        peak_live = max(peak_live, int(float(line.split()[1])))
+                        await asyncio.sleep(1.0)
+
+            sampler = asyncio.ensure_future(sample_live())
             live: set[asyncio.Task[tuple[EmulatedCall, Fault]]] = set()
             for fault in plan:
                 while len(live) >= CONCURRENCY:
@@ -201,6 +237,9 @@ async def test_soak(tmp_path: Path) -> None:
                 results.extend(t.result() for t in done)
                 peak_rss = max(peak_rss, proc_stats(proc.pid)[0])
             elapsed = time.monotonic() - started
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
 
             async with httpx.AsyncClient(
                 base_url=f"http://127.0.0.1:{port}",
@@ -248,21 +287,27 @@ async def test_soak(tmp_path: Path) -> None:
     assert "callbridge_active_calls 0.0" in metrics
 
     # The process returns to its baseline.
-    # Sockets back to exactly the baseline; database handles are SQLAlchemy's pool, which
-    # may open more connections under load but never more than its bound (5 + 10 overflow).
-    def kinds(files: list[str]) -> tuple[list[str], list[str]]:
-        targets = [f.split("->", 1)[1] for f in files]
-        return [t for t in targets if not t.endswith("calls.db")], [
-            t for t in targets if t.endswith("calls.db")
-        ]
+    # Back to the baseline: every socket but the two connection pools exactly as before.
+    # The pools (SQLAlchemy's to the database, bound 5 + 10 overflow; aiohttp's keep-alive
+    # to the Twilio API, bound 100) may grow under load but never past their bounds.
+    rest_port = twilio_port
 
-    (base_other, _), (end_other, end_db) = kinds(base_files), kinds(end_files)
+    def kinds(files: list[str]) -> tuple[list[str], list[str], list[str]]:
+        targets = [f.split("->", 1)[1] for f in files]
+        db = [t for t in targets if t.endswith("calls.db")]
+        rest = [t for t in targets if t.startswith("tcp ") and f"->{rest_port} " in t]
+        other = [t for t in targets if t not in db and t not in rest]
+        return other, db, rest
+
+    (base_other, _, _), (end_other, end_db, end_rest) = kinds(base_files), kinds(end_files)
     assert sorted(end_other) == sorted(base_other), f"descriptors: {base_files} before, {end_files} after"
-    assert len(end_db) <= 15, end_files
+    assert len(end_db) <= 15 and len(end_rest) <= 100, end_files
     growth_mib = (end_rss - base_rss) / 1024
     summary = {
         "calls": CALLS,
         "concurrency": CONCURRENCY,
+        "talk_seconds": TALK,
+        "peak_live_calls_on_server": peak_live,
         "seconds": round(elapsed, 1),
         "faults": dict(Counter(f.name for _, f in results)),
         "end_reasons": dict(in_db),
@@ -271,7 +316,12 @@ async def test_soak(tmp_path: Path) -> None:
             "peak": round(peak_rss / 1024, 1),
             "after": round(end_rss / 1024, 1),
         },
-        "fds": {"baseline": base_fds, "after": end_fds, "database_handles_after": len(kinds(end_files)[1])},
+        "fds": {
+            "baseline": base_fds,
+            "after": end_fds,
+            "database_pool_after": len(end_db),
+            "twilio_keepalive_after": len(end_rest),
+        },
     }
     print("\nsoak:", json.dumps(summary))
     write_report(summary)
