@@ -43,12 +43,12 @@ from tests.serverkit import API_TOKEN
 from tests.test_cli import clean_env
 from tests.test_reliability import _free_port, _serve
 
-pytestmark = pytest.mark.soak
-
 CALLS = int(os.environ.get("SOAK_CALLS", "24"))
 CONCURRENCY = int(os.environ.get("SOAK_CONCURRENCY", "8"))
 SEED = int(os.environ.get("SOAK_SEED", "20261125"))
 TALK = float(os.environ.get("SOAK_TALK_SECONDS", "0.4"))  # how long each call talks before its fault
+
+pytestmark = [pytest.mark.soak, pytest.mark.timeout(120 + int(CALLS * (TALK + 3)))]
 
 
 @dataclass(frozen=True)
