@@ -20,7 +20,9 @@ def decode_object(frame: str | bytes, peer: str) -> dict[str, Any] | str:
         return f"binary frame of {len(frame)} bytes ({peer} sends JSON text)"
     try:
         msg = json.loads(frame)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):
+        # ValueError, not only JSONDecodeError: an integer literal over 4300 digits is valid
+        # JSON that Python refuses to convert (int_max_str_digits).
         return f"malformed JSON from {peer}: {shorten(frame)}"
     if not isinstance(msg, dict):
         return f"{peer} message is not a JSON object: {shorten(frame)}"
