@@ -34,7 +34,8 @@ __all__ = ["Connected", "TwilioEvent", "TwilioStreamProtocol"]
 
 # Twilio SIDs are two letters and 32 hex digits; we accept any alnum so that a
 # future format does not break calls, but nothing that could break our JSON templates.
-_SID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# (fullmatch: `$` would let a trailing newline through, and into our JSON templates.)
+_SID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +105,7 @@ class TwilioStreamProtocol:
         call_sid = start.get("callSid")
         account_sid = start.get("accountSid")
         for label, value in (("streamSid", stream_sid), ("callSid", call_sid), ("accountSid", account_sid)):
-            if not isinstance(value, str) or not _SID_RE.match(value):
+            if not isinstance(value, str) or not _SID_RE.fullmatch(value):
                 return TelephonyWarning(f"start with missing or invalid {label}", fatal=True)
         assert isinstance(stream_sid, str) and isinstance(call_sid, str) and isinstance(account_sid, str)
         media_format = start.get("mediaFormat") if isinstance(start.get("mediaFormat"), dict) else {}
