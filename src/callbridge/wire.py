@@ -5,13 +5,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["decode_object", "shorten"]
+__all__ = ["decode_object", "describe", "shorten"]
 
 
 def shorten(text: str | bytes, limit: int = 120) -> str:
     """A frame as it may appear in a log line: bounded, binary shown as repr."""
     shown = text if isinstance(text, str) else repr(text)
     return shown if len(shown) <= limit else shown[:limit] + "..."
+
+
+def describe(value: Any, limit: int = 60) -> str:
+    """A JSON value from a peer, for a warning: scalars bounded, containers by type only
+    (their repr can be huge, or deep enough to hit the recursion limit)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return shorten(repr(value), limit)
+    return f"<{type(value).__name__}>"
 
 
 def decode_object(frame: str | bytes, peer: str) -> dict[str, Any] | str:

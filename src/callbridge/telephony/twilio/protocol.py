@@ -28,7 +28,7 @@ from callbridge.telephony.base import (
     StreamInfo,
     TelephonyWarning,
 )
-from callbridge.wire import decode_object
+from callbridge.wire import decode_object, describe
 
 __all__ = ["Connected", "TwilioEvent", "TwilioStreamProtocol"]
 
@@ -93,7 +93,7 @@ class TwilioStreamProtocol:
             return self._on_stop(msg)
         if event == "dtmf":
             return self._on_dtmf(msg)
-        return TelephonyWarning(f"unknown event {event!r}")
+        return TelephonyWarning(f"unknown event {describe(event)}")
 
     def _on_start(self, msg: dict[str, Any]) -> TwilioEvent:
         if self.stream_sid is not None:
@@ -142,7 +142,7 @@ class TwilioStreamProtocol:
             return TelephonyWarning("media without a media object")
         track = media.get("track")
         if track is not None and track != "inbound":
-            return TelephonyWarning(f"media on unexpected track {track!r}")
+            return TelephonyWarning(f"media on unexpected track {describe(track)}")
         b64 = media.get("payload")
         if not isinstance(b64, str):
             return TelephonyWarning("media without a payload string")
@@ -171,7 +171,8 @@ class TwilioStreamProtocol:
         self.stopped = True
         stop = msg.get("stop")
         call_sid = stop.get("callSid") if isinstance(stop, dict) else None
-        return CallerHungUp(f"stop for {call_sid}" if isinstance(call_sid, str) else "stop")
+        valid = isinstance(call_sid, str) and _SID_RE.fullmatch(call_sid)
+        return CallerHungUp(f"stop for {call_sid}" if valid else "stop")
 
     # -- sending -------------------------------------------------------------
 
