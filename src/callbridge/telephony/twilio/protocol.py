@@ -37,6 +37,9 @@ __all__ = ["Connected", "TwilioEvent", "TwilioStreamProtocol"]
 # (fullmatch: `$` would let a trailing newline through, and into our JSON templates.)
 _SID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
+# The keys a DTMF event can name (`dtmf.digit`: "the number-key tone detected").
+_KEYPAD = frozenset("0123456789*#ABCD")
+
 
 @dataclass(frozen=True, slots=True)
 class Connected:
@@ -165,6 +168,8 @@ class TwilioStreamProtocol:
         digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
         if not isinstance(digit, str) or not digit:
             return TelephonyWarning("dtmf without a digit")
+        if len(digit) != 1 or digit.upper() not in _KEYPAD:
+            return TelephonyWarning(f"dtmf digit is not a phone key: {describe(digit, 20)}")
         return Dtmf(digit)
 
     def _on_stop(self, msg: dict[str, Any]) -> TwilioEvent:
