@@ -28,7 +28,7 @@ from callbridge.agents.base import (
     AgentWarning,
     ToolCallRequest,
 )
-from callbridge.wire import decode_object
+from callbridge.wire import decode_object, describe
 
 __all__ = ["AGENT_FORMATS", "ElevenLabsProtocol", "close_outcome"]
 
@@ -166,9 +166,9 @@ class ElevenLabsProtocol:
                 return event
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             return AgentWarning(f"malformed {kind} event: {exc!r}")
-        if kind in _IGNORED_TYPES:
+        if isinstance(kind, str) and kind in _IGNORED_TYPES:
             return None
-        return AgentWarning(f"unknown agent event type {kind!r}")
+        return AgentWarning(f"unknown agent event type {describe(kind)}")
 
     def _body(self, msg: dict[str, Any], key: str) -> dict[str, Any]:
         body = msg.get(key)
