@@ -28,7 +28,7 @@ from callbridge.agents.base import (
     AgentWarning,
     ToolCallRequest,
 )
-from callbridge.wire import decode_object, describe
+from callbridge.wire import decode_object, describe, shorten
 
 __all__ = ["AGENT_FORMATS", "ElevenLabsProtocol", "close_outcome"]
 
@@ -165,7 +165,7 @@ class ElevenLabsProtocol:
                 event: AgentEvent | AgentReady | None = handler(self, msg)
                 return event
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            return AgentWarning(f"malformed {kind} event: {exc!r}")
+            return AgentWarning(shorten(f"malformed {kind} event: {exc!r}", 200))
         if isinstance(kind, str) and kind in _IGNORED_TYPES:
             return None
         return AgentWarning(f"unknown agent event type {describe(kind)}")
@@ -184,7 +184,7 @@ class ElevenLabsProtocol:
         if not isinstance(conv_id, str) or not conv_id:
             raise ValueError("no conversation_id")
         if out_fmt not in AGENT_FORMATS or in_fmt not in AGENT_FORMATS:
-            raise ValueError(f"unsupported audio formats {out_fmt!r}/{in_fmt!r}")
+            raise ValueError(f"unsupported audio formats {describe(out_fmt)}/{describe(in_fmt)}")
         if self.ready is not None:
             return AgentWarning("second conversation_initiation_metadata ignored")
         self.ready = AgentReady(conv_id, str(in_fmt), str(out_fmt))
@@ -265,10 +265,14 @@ class ElevenLabsProtocol:
     def _on_error(self, msg: dict[str, Any]) -> AgentEvent:
         body = self._body(msg, "error_event")
         code = body.get("code")
+        error_type = body.get("error_type")
+        texts = [v for v in (body.get("reason"), body.get("message")) if isinstance(v, str) and v]
+        message = texts[0] if texts else ""
+        # Both end up in the call record's end detail: bounded, and only if they are text.
         self.last_error = ServerError(
             code=code if isinstance(code, int) and not isinstance(code, bool) else None,
-            error_type=str(body["error_type"]) if body.get("error_type") else None,
-            message=str(body.get("reason") or body.get("message") or ""),
+            error_type=shorten(error_type, 60) if isinstance(error_type, str) and error_type else None,
+            message=shorten(message, 200),
         )
         return AgentWarning(
             f"agent error event: code={self.last_error.code} "
