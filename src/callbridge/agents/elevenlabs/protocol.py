@@ -223,21 +223,29 @@ class ElevenLabsProtocol:
         self.outbox.append(self.pong(event_id))
         return None
 
+    @staticmethod
+    def _text(body: dict[str, Any], key: str) -> str:
+        # A transcript line goes into the call record: a null or a number is not speech.
+        value = body.get(key)
+        if not isinstance(value, str):
+            raise ValueError(f"{key} is not a string")
+        return value
+
     def _on_agent_response(self, msg: dict[str, Any]) -> AgentEvent:
         body = self._body(msg, "agent_response_event")
-        return AgentTranscript("agent", str(body["agent_response"]))
+        return AgentTranscript("agent", self._text(body, "agent_response"))
 
     def _on_correction(self, msg: dict[str, Any]) -> AgentEvent:
         body = self._body(msg, "agent_response_correction_event")
         return AgentTranscript(
             "agent",
-            str(body["corrected_agent_response"]),
-            corrects=str(body["original_agent_response"]),
+            self._text(body, "corrected_agent_response"),
+            corrects=self._text(body, "original_agent_response"),
         )
 
     def _on_user_transcript(self, msg: dict[str, Any]) -> AgentEvent:
         body = self._body(msg, "user_transcription_event")
-        return AgentTranscript("user", str(body["user_transcript"]))
+        return AgentTranscript("user", self._text(body, "user_transcript"))
 
     def _on_client_tool_call(self, msg: dict[str, Any]) -> AgentEvent:
         body = self._body(msg, "client_tool_call")
