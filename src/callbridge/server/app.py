@@ -336,7 +336,7 @@ def create_app(
             state.bad_signature(request.url.path)
             return error(403, "invalid Twilio signature")
         call_sid = form.get("CallSid", "")
-        if not _SID_RE.match(call_sid):
+        if not _SID_RE.fullmatch(call_sid):
             return error(400, "CallSid missing or malformed")
         if not bridge.accepting or not state.has_capacity():
             bridge.stats.calls_rejected += 1
@@ -364,7 +364,7 @@ def create_app(
             state.bad_signature(request.url.path)
             return error(403, "invalid Twilio signature")
         call_sid, status = form.get("CallSid", ""), form.get("CallStatus", "")
-        if not _SID_RE.match(call_sid) or not status:
+        if not _SID_RE.fullmatch(call_sid) or not status:
             return error(400, "CallSid and CallStatus are required")
         details: dict[str, Any] = {
             k: form[k] for k in ("CallDuration", "Timestamp", "SequenceNumber") if k in form
@@ -566,10 +566,10 @@ def validate_call_request(data: Any) -> str | None:
         return f"unknown fields: {', '.join(sorted(map(str, unknown)))}"
     for key in ("to", "from"):
         value = data.get(key)
-        if not isinstance(value, str) or not _PHONE_RE.match(value):
+        if not isinstance(value, str) or not _PHONE_RE.fullmatch(value):
             return f"{key!r} must be an E.164 number (+15551234567) or a sip:/client: address"
     agent_id = data.get("agent_id")
-    if agent_id is not None and (not isinstance(agent_id, str) or not _AGENT_ID_RE.match(agent_id)):
+    if agent_id is not None and (not isinstance(agent_id, str) or not _AGENT_ID_RE.fullmatch(agent_id)):
         return "'agent_id' must be letters, digits, '_' or '-'"
     variables = data.get("dynamic_variables")
     if variables is None:
@@ -577,7 +577,7 @@ def validate_call_request(data: Any) -> str | None:
     if not isinstance(variables, dict) or len(variables) > 32:
         return "'dynamic_variables' must be an object of at most 32 entries"
     for name, value in variables.items():
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             return f"dynamic variable name {name!r} must be an identifier"
         if not isinstance(value, str | int | float | bool) or value is None:
             return f"dynamic variable {name!r} must be a string, number or boolean"
