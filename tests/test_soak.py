@@ -2,7 +2,8 @@
 
 CI runs a small size; by hand, a large one, e.g.:
 
-    SOAK_CALLS=2000 SOAK_CONCURRENCY=200 .venv/bin/pytest -q -m soak tests/test_soak.py -s
+    SOAK_CALLS=2000 SOAK_CONCURRENCY=250 SOAK_TALK_SECONDS=10 SOAK_AGENT_IDLE_SECONDS=6 \
+        .venv/bin/pytest -q -m soak tests/test_soak.py -s
 
 For every call: exactly one end reason and the expected one, the emulated Twilio call not
 left in progress, the agent socket closed. For the process: open descriptors back to
@@ -47,6 +48,9 @@ CALLS = int(os.environ.get("SOAK_CALLS", "24"))
 CONCURRENCY = int(os.environ.get("SOAK_CONCURRENCY", "8"))
 SEED = int(os.environ.get("SOAK_SEED", "20261125"))
 TALK = float(os.environ.get("SOAK_TALK_SECONDS", "0.4"))  # how long each call talks before its fault
+# How fast a stalled agent is detected. The load generator (both emulators, one process) can
+# itself pause for over a second at 200+ calls: by hand, use a few seconds.
+AGENT_IDLE = os.environ.get("SOAK_AGENT_IDLE_SECONDS", "1.5")
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(120 + int(CALLS * (TALK + 3)))]
 
@@ -194,7 +198,7 @@ async def test_soak(tmp_path: Path) -> None:
             "CALLBRIDGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
             "CALLBRIDGE_DATABASE_URL": f"sqlite:///{tmp_path / 'calls.db'}",
             "CALLBRIDGE_API_TOKEN": API_TOKEN,
-            "CALLBRIDGE_AGENT_IDLE_TIMEOUT_SECONDS": "1.5",
+            "CALLBRIDGE_AGENT_IDLE_TIMEOUT_SECONDS": AGENT_IDLE,
             "CALLBRIDGE_FINAL_AUDIO_TIMEOUT_SECONDS": "3",
             "CALLBRIDGE_MAX_CALL_SECONDS": "60",
             "CALLBRIDGE_MAX_CONCURRENT_CALLS": str(max(CONCURRENCY * 2, 50)),
@@ -307,6 +311,7 @@ async def test_soak(tmp_path: Path) -> None:
         "calls": CALLS,
         "concurrency": CONCURRENCY,
         "talk_seconds": TALK,
+        "agent_idle_timeout_s": float(AGENT_IDLE),
         "peak_live_calls_on_server": peak_live,
         "seconds": round(elapsed, 1),
         "faults": dict(Counter(f.name for _, f in results)),
