@@ -117,7 +117,8 @@ class AppState:
     # -- per-call stream token ------------------------------------------------
 
     def stream_token(self, ref: str) -> str:
-        return hmac.new(self.token_key, ref.encode(), hashlib.sha256).hexdigest()[:40]
+        # surrogatepass: a ref from a stream's JSON may hold a lone surrogate.
+        return hmac.new(self.token_key, ref.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:40]
 
     def check_stream(self, info: StreamInfo) -> str | None:
         """Refuse a stream whose token is missing, forged, for another call, or used before."""
@@ -125,7 +126,8 @@ class AppState:
         ref, token = params.get("cb_ref", ""), params.get("cb_token", "")
         if not ref or not token:
             return "no stream token"
-        if not hmac.compare_digest(token, self.stream_token(ref)):
+        # As bytes: compare_digest raises TypeError on str with non-ASCII characters.
+        if not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), self.stream_token(ref).encode()):
             return "bad stream token"
         bound = info.call_sid if ref.startswith("CA") else self.outbound_refs.get(ref)
         if ref.startswith("CA") and ref != info.call_sid:
