@@ -11,11 +11,11 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from callbridge.call import CallOptions
 
-__all__ = ["ConfigError", "Settings", "async_database_url"]
+__all__ = ["ConfigError", "Settings", "async_database_url", "redact_url"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///callbridge.db"
 SECRET_FIELDS = frozenset({"twilio_auth_token", "elevenlabs_api_key", "api_token"})
@@ -27,6 +27,20 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password, if any, shown as `***` (for logs and messages)."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return "<unparsable URL>" if "@" in url else url
+    if password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
 
 
 def async_database_url(url: str) -> str:
@@ -96,6 +110,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in SECRET_FIELDS:
                 value = "<set>" if value else None
+            elif isinstance(value, str) and "://" in value:
+                value = redact_url(value)  # e.g. the database password
             shown.append(f"{f.name}={value!r}")
         return f"Settings({', '.join(shown)})"
 
