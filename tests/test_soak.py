@@ -168,7 +168,7 @@ class Dialer:
                 "drop": call.stream.drop,
             }
             await action[fault.caller]()
-        await call.wait_ended(30)
+        await call.wait_ended(TALK + 30)
         return call, fault
 
 
@@ -210,6 +210,7 @@ async def test_soak(tmp_path: Path) -> None:
             # Warm up with one wave at full concurrency (imports; the database and HTTP
             # connection pools grow to their working size), then take the baseline.
             warmup = [asyncio.ensure_future(dialer.call(FAULTS[0])) for _ in range(CONCURRENCY)]
+            live: set[asyncio.Task[tuple[EmulatedCall, Fault]]] = set(warmup)
             results.extend(await asyncio.gather(*warmup))
             await asyncio.sleep(0.5)
             base_rss, base_fds = proc_stats(proc.pid)
@@ -229,7 +230,7 @@ async def test_soak(tmp_path: Path) -> None:
                         await asyncio.sleep(1.0)
 
             sampler = asyncio.ensure_future(sample_live())
-            live: set[asyncio.Task[tuple[EmulatedCall, Fault]]] = set()
+            live = set()
             for fault in plan:
                 while len(live) >= CONCURRENCY:
                     done, live = await asyncio.wait(live, return_when=asyncio.FIRST_COMPLETED)
@@ -265,6 +266,9 @@ async def test_soak(tmp_path: Path) -> None:
             end_rss, end_fds = proc_stats(proc.pid)
             end_files = open_files(proc.pid)
         finally:
+            for task in live:
+                task.cancel()
+            await asyncio.gather(*live, return_exceptions=True)
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(proc.wait(), 30)
         conversations = list(agent.conversations)

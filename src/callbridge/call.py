@@ -518,7 +518,8 @@ class Call:
                     self._mark("telephony.closed", code=event.code)
                     if not self._caller_gone:
                         detail = (
-                            f"media stream closed without stop (code {event.code})"
+                            f"media stream closed without stop (code {event.code}"
+                            f"{': ' + event.reason if event.reason else ''})"
                             if event.code is not None
                             else "media stream connection lost"
                         )

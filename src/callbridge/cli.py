@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from callbridge.config import ConfigError, Settings
+from callbridge.config import ConfigError, Settings, redact_url
 from callbridge.logs import JsonFormatter
 
 __all__ = ["main"]
@@ -205,7 +205,7 @@ async def _calls(args: argparse.Namespace) -> int:
         if args.calls_cmd == "show":
             record = await store.get(args.call_sid)
             if record is None:
-                raise CliError(f"no call {args.call_sid} in {settings.database_url}")
+                raise CliError(f"no call {args.call_sid} in {redact_url(settings.database_url)}")
             if args.json:
                 print(json.dumps(record, indent=2))
                 return 0

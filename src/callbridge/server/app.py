@@ -107,7 +107,7 @@ class AppState:
     store: CallStore
     control: CallControl
     validator: RequestValidator
-    token_key: bytes
+    token_key: bytes = field(repr=False)  # makes stream tokens: never shown
     reconciled: asyncio.Event = field(default_factory=asyncio.Event)
     used_refs: OrderedDict[str, float] = field(default_factory=OrderedDict)
     outbound_refs: dict[str, str] = field(default_factory=dict)

@@ -86,6 +86,7 @@ class TelephonyWarning:
 class TelephonyClosed:
     code: int | None  # None: connection lost with no close frame
     by_bridge: bool
+    reason: str = ""
 
 
 TelephonyEvent = CallerAudio | MarkPlayed | Dtmf | CallerHungUp | TelephonyWarning | TelephonyClosed

@@ -92,7 +92,7 @@ class TwilioMediaStream:
                 frame = await receive()
             except SocketClosed as exc:
                 self._open = False
-                yield TelephonyClosed(exc.code, self._closed_by_bridge)
+                yield TelephonyClosed(exc.code, self._closed_by_bridge, exc.reason)
                 return
             event = parse(frame)
             if event is None or isinstance(event, Connected | StreamInfo):
