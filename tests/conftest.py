@@ -52,7 +52,19 @@ async def no_leaked_tasks_or_sockets() -> AsyncIterator[None]:
     tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
     assert not tasks, f"tasks left behind: {tasks}"
     sockets = {f for f in _open_fds() - fds_before if "socket:" in f}
-    assert not sockets, f"sockets left open: {sockets}"
+    assert not sockets, f"sockets left open: {_name_sockets(sockets)}"
+
+
+def _name_sockets(sockets: set[str]) -> list[str]:
+    """fd:socket:[inode] -> with the TCP ports and state, for a readable failure."""
+    table: dict[str, str] = {}
+    for name in ("tcp", "tcp6"):
+        with open(f"/proc/self/net/{name}") as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                local, remote = (int(c.rsplit(":", 1)[1], 16) for c in cols[1:3])
+                table[cols[9]] = f"{local}->{remote} state {cols[3]}"
+    return [f"{s} {table.get(s.split('[')[1].rstrip(']'), '')}" for s in sorted(sockets)]
 
 
 @dataclass

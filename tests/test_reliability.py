@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -29,6 +31,12 @@ def _free_port() -> int:
     return port
 
 
+def _server_log() -> Any:
+    """SERVE_LOG=path keeps the servers' logs for a look after a failure."""
+    path = os.environ.get("SERVE_LOG")
+    return open(path, "ab") if path else asyncio.subprocess.DEVNULL
+
+
 async def _serve(env: dict[str, str], port: int) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -41,7 +49,7 @@ async def _serve(env: dict[str, str], port: int) -> asyncio.subprocess.Process:
         str(port),
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=_server_log(),
     )
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
         for _ in range(200):

@@ -38,7 +38,6 @@ from callbridge.emulators.elevenlabs import (
     Stall,
     WaitForUser,
 )
-from callbridge.emulators.speech import load_speech
 from callbridge.emulators.twilio import EmulatedCall, TwilioEmulator
 from tests.serverkit import API_TOKEN
 from tests.test_cli import clean_env
@@ -141,32 +140,31 @@ def write_report(summary: dict[str, Any]) -> None:
         Path(out).write_text(json.dumps(summary, indent=2))
 
 
+FAULT_BY_AGENT = {f"soak-{fault.name}": fault for fault in FAULTS}
+
+
+def scripts(agent_id: str, n: int) -> AgentScript:
+    """The agent emulator plays the fault named by the agent id the call asked for."""
+    return script_for(FAULT_BY_AGENT[agent_id])
+
+
 class Dialer:
-    """Places calls one at a time up to the agent's session, so that the n-th agent
-    session is the n-th call and gets that call's scripted fault."""
+    """Places outbound calls through the server's API; each call's `agent_id` names its fault."""
 
-    def __init__(self, twilio: TwilioEmulator, agent: AgentEmulator, url: str, rng: random.Random) -> None:
-        self.twilio, self.agent, self.url, self.rng = twilio, agent, url, rng
-        self.faults: list[Fault] = []
-        self._setup = asyncio.Lock()
-
-    def script(self, agent_id: str, n: int) -> AgentScript:
-        return script_for(self.faults[n])
+    def __init__(self, twilio: TwilioEmulator, api: httpx.AsyncClient, rng: random.Random) -> None:
+        self.twilio, self.api, self.rng = twilio, api, rng
+        self.placed = 0
 
     async def call(self, fault: Fault) -> tuple[EmulatedCall, Fault]:
-        async with self._setup:
-            self.faults.append(fault)
-            call = await self.twilio.place_inbound_call(
-                f"{self.url}/twilio/inbound", audio=load_speech("caller_hello")
-            )
-            await self.agent.wait_for_conversations(len(self.faults), timeout=15)
-        if fault.caller is not None and call.stream is not None:
+        self.placed += 1
+        body = {"to": f"+1555{self.placed:07d}", "from": "+15550000000", "agent_id": f"soak-{fault.name}"}
+        resp = await self.api.post("/calls", json=body)
+        assert resp.status_code == 201, resp.text
+        call = self.twilio.calls[resp.json()["call_sid"]]
+        if fault.caller is not None:
+            stream = await call.wait_stream(30)
             await asyncio.sleep(TALK + 0.4 + self.rng.random() * 0.6)
-            action = {
-                "hangup": call.stream.hangup,
-                "close": call.stream.close_without_stop,
-                "drop": call.stream.drop,
-            }
+            action = {"hangup": stream.hangup, "close": stream.close_without_stop, "drop": stream.drop}
             await action[fault.caller]()
         await call.wait_ended(TALK + 30)
         return call, fault
@@ -177,17 +175,11 @@ async def test_soak(tmp_path: Path) -> None:
     plan = [rng.choice(FAULTS) for _ in range(CALLS)]
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    dialer: Dialer | None = None
-
-    def scripts(agent_id: str, n: int) -> AgentScript:
-        assert dialer is not None
-        return dialer.script(agent_id, n)
 
     async with (
         TwilioEmulator(record_media=False) as twilio,
         AgentEmulator(script_factory=scripts) as agent,
     ):
-        dialer = Dialer(twilio, agent, url, rng)
         twilio_port = int(twilio.base_url.rsplit(":", 1)[1])
         env = clean_env() | {
             "TWILIO_ACCOUNT_SID": twilio.account_sid,
@@ -205,6 +197,8 @@ async def test_soak(tmp_path: Path) -> None:
         }
         proc = await _serve(env, port)
         assert proc.pid is not None
+        api = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30)
+        dialer = Dialer(twilio, api, rng)
         results: list[tuple[EmulatedCall, Fault]] = []
         try:
             # Warm up with one wave at full concurrency (imports; the database and HTTP
@@ -213,6 +207,15 @@ async def test_soak(tmp_path: Path) -> None:
             live: set[asyncio.Task[tuple[EmulatedCall, Fault]]] = set(warmup)
             results.extend(await asyncio.gather(*warmup))
             await asyncio.sleep(0.5)
+            # Our own API client's keep-alive connections into the server are not the
+            # server's: close them before each measurement.
+            await dialer.api.aclose()
+            dialer.api = api = httpx.AsyncClient(
+                base_url=url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30
+            )
+            # uvicorn closes idle HTTP keep-alive connections after 5 s: after 6 s, only
+            # sockets in real use are left (a leaked media stream would be among them).
+            await asyncio.sleep(6.0)
             base_rss, base_fds = proc_stats(proc.pid)
             base_files = open_files(proc.pid)
             peak_rss = base_rss
@@ -250,25 +253,27 @@ async def test_soak(tmp_path: Path) -> None:
                 base_url=f"http://127.0.0.1:{port}",
                 headers={"Authorization": f"Bearer {API_TOKEN}"},
                 timeout=30,
-            ) as api:
+            ) as reader:
                 records: dict[str, dict[str, Any]] = {}
                 for _ in range(100):
                     offset: int | None = 0
                     while offset is not None:
-                        page = (await api.get("/calls", params={"limit": 200, "offset": offset})).json()
+                        page = (await reader.get("/calls", params={"limit": 200, "offset": offset})).json()
                         records.update({r["call_sid"]: r for r in page["calls"]})
                         offset = page["next_offset"]
                     if len(records) >= len(results) and all(r["status"] == "ended" for r in records.values()):
                         break
                     await asyncio.sleep(0.2)
-                metrics = (await api.get("/metrics")).text
-            await asyncio.sleep(1.0)  # sockets in teardown finish closing
+                metrics = (await reader.get("/metrics")).text
+            await api.aclose()
+            await asyncio.sleep(6.0)  # as before the baseline: idle keep-alives closed
             end_rss, end_fds = proc_stats(proc.pid)
             end_files = open_files(proc.pid)
         finally:
             for task in live:
                 task.cancel()
             await asyncio.gather(*live, return_exceptions=True)
+            await api.aclose()
             proc.send_signal(signal.SIGTERM)
             await asyncio.wait_for(proc.wait(), 30)
         conversations = list(agent.conversations)

@@ -15,13 +15,14 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import JSON, DateTime, Float, Index, String, Text, func, select
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from callbridge.call import CallRecord
@@ -29,6 +30,7 @@ from callbridge.call import CallRecord
 __all__ = ["CallRow", "CallStore", "Page"]
 
 ListOfDicts = list[dict[str, Any]]
+T = TypeVar("T")
 
 # CallRecord fields stored as they are (same name on the row).
 _COPIED_FIELDS = (
@@ -253,20 +255,35 @@ class CallStore:
         os.remove(self.spool_path)
         log.info("store: %d spooled call records written from %s", len(lines), self.spool_path)
 
+    async def _transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """Run `work` in a transaction. Writers of one call (its own saves, status callbacks,
+        an outbound placeholder) all get-or-create its row and may race to insert it: the
+        loser of the race runs again, and then finds the row and updates it."""
+        for attempt in (1, 2):
+            try:
+                async with self._session() as session, session.begin():
+                    return await work(session)
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
     async def _write(self, records: list[CallRecord]) -> None:
-        async with self._session() as session, session.begin():
-            for record in records:
-                row = await session.get(CallRow, record.call_sid)
-                if row is None:
-                    row = CallRow(call_sid=record.call_sid)
-                    session.add(row)
-                for name in _COPIED_FIELDS:
-                    setattr(row, name, getattr(record, name))
-                row.transcript = list(record.transcript)
-                row.timeline = list(record.timeline)
-                row.metrics = dict(record.metrics)
-                row.instance = self.instance
-                row.updated_at = datetime.now(UTC)
+        await self._transaction(lambda session: self._write_rows(session, records))
+
+    async def _write_rows(self, session: AsyncSession, records: list[CallRecord]) -> None:
+        for record in records:
+            row = await session.get(CallRow, record.call_sid)
+            if row is None:
+                row = CallRow(call_sid=record.call_sid)
+                session.add(row)
+            for name in _COPIED_FIELDS:
+                setattr(row, name, getattr(record, name))
+            row.transcript = list(record.transcript)
+            row.timeline = list(record.timeline)
+            row.metrics = dict(record.metrics)
+            row.instance = self.instance
+            row.updated_at = datetime.now(UTC)
 
     async def get(self, call_sid: str) -> dict[str, Any] | None:
         async with self._session() as session:
@@ -305,7 +322,8 @@ class CallStore:
         """Store a status callback. It may come before any record of the call (an outbound
         call's `initiated`): then it starts the record from what the callback says."""
         form = form or {}
-        async with self._session() as session, session.begin():
+
+        async def work(session: AsyncSession) -> None:
             row = await session.get(CallRow, call_sid)
             if row is None:
                 direction = "outbound" if form.get("Direction", "").startswith("outbound") else "inbound"
@@ -327,9 +345,12 @@ class CallStore:
             row.twilio_events = [*(row.twilio_events or []), {"status": twilio_status, **details}]
             row.updated_at = datetime.now(UTC)
 
+        await self._transaction(work)
+
     async def create_placeholder(self, call_sid: str, direction: str, from_: str, to: str) -> None:
         """An outbound call created but not yet connected: visible in the API at once."""
-        async with self._session() as session, session.begin():
+
+        async def work(session: AsyncSession) -> None:
             if await session.get(CallRow, call_sid) is None:
                 session.add(
                     CallRow(
@@ -345,6 +366,8 @@ class CallStore:
                         instance=self.instance,
                     )
                 )
+
+        await self._transaction(work)
 
     async def active_call_sids(self, instance: str | None = None) -> list[str]:
         """Calls recorded as live (by one instance, if given)."""
