@@ -50,6 +50,9 @@ TALK = float(os.environ.get("SOAK_TALK_SECONDS", "0.4"))  # how long each call t
 # How fast a stalled agent is detected. The load generator (both emulators, one process) can
 # itself pause for over a second at 200+ calls: by hand, use a few seconds.
 AGENT_IDLE = os.environ.get("SOAK_AGENT_IDLE_SECONDS", "1.5")
+# Calls placed per second: a burst of hundreds of creates at once would only measure how
+# slowly the emulated Twilio API answers (the bridge gives up a create after 5 s: 502).
+RATE = float(os.environ.get("SOAK_CALLS_PER_SECOND", "25"))
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(120 + int(CALLS * (TALK + 3)))]
 
@@ -203,7 +206,10 @@ async def test_soak(tmp_path: Path) -> None:
         try:
             # Warm up with one wave at full concurrency (imports; the database and HTTP
             # connection pools grow to their working size), then take the baseline.
-            warmup = [asyncio.ensure_future(dialer.call(FAULTS[0])) for _ in range(CONCURRENCY)]
+            warmup = []
+            for _ in range(CONCURRENCY):
+                warmup.append(asyncio.ensure_future(dialer.call(FAULTS[0])))
+                await asyncio.sleep(1 / RATE)
             live: set[asyncio.Task[tuple[EmulatedCall, Fault]]] = set(warmup)
             results.extend(await asyncio.gather(*warmup))
             await asyncio.sleep(0.5)
@@ -240,6 +246,7 @@ async def test_soak(tmp_path: Path) -> None:
                     results.extend(t.result() for t in done)
                     peak_rss = max(peak_rss, proc_stats(proc.pid)[0])
                 live.add(asyncio.ensure_future(dialer.call(fault)))
+                await asyncio.sleep(1 / RATE)
             while live:
                 done, live = await asyncio.wait(live, return_when=asyncio.FIRST_COMPLETED)
                 results.extend(t.result() for t in done)
