@@ -53,6 +53,8 @@ AGENT_IDLE = os.environ.get("SOAK_AGENT_IDLE_SECONDS", "1.5")
 # Calls placed per second: a burst of hundreds of creates at once would only measure how
 # slowly the emulated Twilio API answers (the bridge gives up a create after 5 s: 502).
 RATE = float(os.environ.get("SOAK_CALLS_PER_SECOND", "25"))
+# Drop idle connections before uvicorn does (5 s): reusing one it is closing is a ReadError.
+API_LIMITS = httpx.Limits(keepalive_expiry=2.0)
 
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(120 + int(CALLS * (TALK + 3)))]
 
@@ -200,7 +202,9 @@ async def test_soak(tmp_path: Path) -> None:
         }
         proc = await _serve(env, port)
         assert proc.pid is not None
-        api = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30)
+        api = httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30, limits=API_LIMITS
+        )
         dialer = Dialer(twilio, api, rng)
         results: list[tuple[EmulatedCall, Fault]] = []
         try:
@@ -217,7 +221,7 @@ async def test_soak(tmp_path: Path) -> None:
             # server's: close them before each measurement.
             await dialer.api.aclose()
             dialer.api = api = httpx.AsyncClient(
-                base_url=url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30
+                base_url=url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30, limits=API_LIMITS
             )
             # uvicorn closes idle HTTP keep-alive connections after 5 s: after 6 s, only
             # sockets in real use are left (a leaked media stream would be among them).
