@@ -119,23 +119,42 @@ def main() -> None:
     for chunk_name, chunk_s in CHUNKS.items():
         u_chunks = split(ulaw, audio.ULAW_8000, chunk_s)
         p_chunks = split(pcm8k, parse_format("pcm_8000"), chunk_s)
-        rows.append(("decode ulaw -> pcm16", chunk_name,
-                     measure(lambda: audio.ulaw_to_pcm16, u_chunks, AUDIO_SECONDS),
-                     measure(lambda: lambda b: audioop.ulaw2lin(b, 2), u_chunks, AUDIO_SECONDS)))
-        rows.append(("encode pcm16 -> ulaw", chunk_name,
-                     measure(lambda: audio.pcm16_to_ulaw, p_chunks, AUDIO_SECONDS),
-                     measure(lambda: lambda b: audioop.lin2ulaw(b, 2), p_chunks, AUDIO_SECONDS)))
+        rows.append(
+            (
+                "decode ulaw -> pcm16",
+                chunk_name,
+                measure(lambda: audio.ulaw_to_pcm16, u_chunks, AUDIO_SECONDS),
+                measure(lambda: lambda b: audioop.ulaw2lin(b, 2), u_chunks, AUDIO_SECONDS),
+            )
+        )
+        rows.append(
+            (
+                "encode pcm16 -> ulaw",
+                chunk_name,
+                measure(lambda: audio.pcm16_to_ulaw, p_chunks, AUDIO_SECONDS),
+                measure(lambda: lambda b: audioop.lin2ulaw(b, 2), p_chunks, AUDIO_SECONDS),
+            )
+        )
         for name in ("pcm_16000", "pcm_24000", "pcm_44100"):
             fmt = parse_format(name)
             rate = fmt.sample_rate
-            rows.append((f"ulaw_8000 -> {name}", chunk_name,
-                         measure(partial(callbridge_path, telephony_to_agent, fmt), u_chunks, AUDIO_SECONDS),
-                         measure(partial(audioop_up, rate), u_chunks, AUDIO_SECONDS)))
+            rows.append(
+                (
+                    f"ulaw_8000 -> {name}",
+                    chunk_name,
+                    measure(partial(callbridge_path, telephony_to_agent, fmt), u_chunks, AUDIO_SECONDS),
+                    measure(partial(audioop_up, rate), u_chunks, AUDIO_SECONDS),
+                )
+            )
             agent_chunks = split(in_format(fmt, ulaw), fmt, chunk_s)
-            rows.append((f"{name} -> ulaw_8000", chunk_name,
-                         measure(partial(callbridge_path, agent_to_telephony, fmt), agent_chunks,
-                                 AUDIO_SECONDS),
-                         measure(partial(audioop_down, rate), agent_chunks, AUDIO_SECONDS)))
+            rows.append(
+                (
+                    f"{name} -> ulaw_8000",
+                    chunk_name,
+                    measure(partial(callbridge_path, agent_to_telephony, fmt), agent_chunks, AUDIO_SECONDS),
+                    measure(partial(audioop_down, rate), agent_chunks, AUDIO_SECONDS),
+                )
+            )
 
     lines = [
         "# Codec benchmark: callbridge.audio vs audioop",
