@@ -65,7 +65,7 @@ def main() -> None:
     ax2.set_ylabel("CPU of the system under test (% of one core)")
     ax2.set_title("CPU (system pinned to one core)")
     ax2.grid(True, alpha=0.3)
-    ax2.legend(fontsize=8, loc="upper left")
+    ax2.legend(fontsize=8, loc="lower right")
     fig.suptitle(
         f"Twilio <-> agent bridges, one run on {report['machine']} ({report['started']})", fontsize=10
     )

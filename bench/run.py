@@ -483,7 +483,7 @@ def run_one(
                     "-d",
                     str(int(timing.steady_s)),
                     "-f",
-                    "speedscope" if profile.endswith(".json") else "flamegraph",
+                    {".json": "speedscope", ".txt": "raw"}.get(Path(profile).suffix, "flamegraph"),
                     "-o",
                     profile,
                     "-r",
@@ -674,20 +674,20 @@ def markdown(report: dict[str, Any]) -> str:
         "| system | N | up p50 / p99 / max ms | down p50 / p99 / max ms | lost up/down "
         "| late (>20 ms) up/down "
         "| SUT core | CPU ms per call-min | RSS idle/peak MB | KB per call | load gen core "
-        "| other jobs (cores) "
+        "| load gen late p99 ms | other jobs (cores) "
         "| pass |",
-        "|---|---:|---|---|---|---|---:|---:|---|---:|---:|---:|---|",
+        "|---|---:|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['label']} | {r['calls']} | {r['error']} | | | | | | | | | | no |")
+            out.append(f"| {r['label']} | {r['calls']} | {r['error']} | | | | | | | | | | | no |")
             continue
         u, d = r["up"], r["down"]
         out.append(
             f"| {r['label']} | {r['calls']} | {_triple(u)} | {_triple(d)} | {u['lost']}/{d['lost']} "
             f"| {u['late']}/{d['late']} | {r['sut_core_util']:.2f} | {r['cpu_ms_per_call_minute']} "
             f"| {r['rss_idle_mb']}/{r['rss_peak_mb']} | {r['mem_per_call_kb']} "
-            f"| {r['loadgen_core0_util']:.2f} "
+            f"| {r['loadgen_core0_util']:.2f} | {fmt(r['loadgen_send_late_p99_ms'])} "
             f"| {r['background_cores']:.2f} | {'yes' if r['pass'] else 'no'} |"
         )
     out += [
@@ -734,7 +734,9 @@ def main() -> int:
     p.add_argument(
         "--smoke", action="store_true", help="5 calls, callbridge and the bare relay, a few seconds"
     )
-    p.add_argument("--systems", default="callbridge,callbridge-pcm16,callbridge-app,relay,sdk,pipecat")
+    p.add_argument(
+        "--systems", default="callbridge,callbridge-pcm16,callbridge-app,relay,sdk,pipecat,pipecat-pcm16"
+    )
     p.add_argument("--calls", default="25,35,50,75,100,110,120,130,140,150,175,200,250,300,400,500")
     p.add_argument("--steady", type=float, default=15.0)
     p.add_argument("--out", type=Path, default=BENCH / "results" / "bench.json")
