@@ -243,3 +243,20 @@ class Schedule:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0", "false", "no")
+
+
+def run_loop(main: Any) -> None:
+    """Run a system's `main()` on the event loop chosen by BENCH_LOOP (uvloop, the default when
+    installed, as uvicorn's `loop="auto"` does for the peers; or asyncio)."""
+    import asyncio
+    import os
+
+    if os.environ.get("BENCH_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop
+
+            uvloop.run(main)
+            return
+        except ImportError:
+            pass
+    asyncio.run(main)

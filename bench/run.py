@@ -102,6 +102,25 @@ def systems() -> dict[str, System]:
             note="`callbridge serve`: Starlette/uvicorn, signatures, stream tokens, SQLite records",
         ),
         "relay": System("relay", "bare relay (floor)", [PROJECT_PY, str(s / "relay.py")]),
+        "relay-lean": System(
+            "relay-lean",
+            "bare relay, minimal WebSocket layer",
+            [PROJECT_PY, str(s / "relay_lean.py")],
+            note="bench/leanws.py: frames parsed in data_received, no task or queue per message",
+        ),
+        "callbridge-asyncio": System(
+            "callbridge-asyncio",
+            "callbridge (ulaw, asyncio loop)",
+            [PROJECT_PY, str(s / "callbridge_ws.py")],
+            env={"BENCH_LOOP": "asyncio"},
+            note="as `callbridge`, on the standard asyncio event loop instead of uvloop",
+        ),
+        "relay-asyncio": System(
+            "relay-asyncio",
+            "bare relay (asyncio loop)",
+            [PROJECT_PY, str(s / "relay.py")],
+            env={"BENCH_LOOP": "asyncio"},
+        ),
         "sdk": System(
             "sdk",
             "ElevenLabs SDK pattern (FastAPI)",
@@ -389,6 +408,7 @@ def run_one(
     if scratch and system.name.startswith("callbridge"):
         # Measure a proposed change to src/ on a scratch copy: it shadows the installed package.
         sut_env["PYTHONPATH"] = scratch
+    sut_env.update(system.env)
     argv = list(system.argv)
     if system.name == "callbridge-app":
         from common import ACCOUNT_SID, AUTH_TOKEN
@@ -735,10 +755,12 @@ def main() -> int:
         "--smoke", action="store_true", help="5 calls, callbridge and the bare relay, a few seconds"
     )
     p.add_argument(
-        "--systems", default="callbridge,callbridge-pcm16,callbridge-app,relay,sdk,pipecat,pipecat-pcm16"
+        "--systems",
+        default="callbridge,callbridge-pcm16,callbridge-app,callbridge-asyncio,relay,relay-lean,"
+        "sdk,pipecat,pipecat-pcm16",
     )
-    p.add_argument("--calls", default="25,35,50,75,100,110,120,130,140,150,175,200,250,300,400,500")
-    p.add_argument("--steady", type=float, default=15.0)
+    p.add_argument("--calls", default="25,35,50,75,100,125,150,175,200,250,300")
+    p.add_argument("--steady", type=float, default=12.0)
     p.add_argument("--out", type=Path, default=BENCH / "results" / "bench.json")
     p.add_argument("--keep-going", action="store_true", help="do not stop a system at its first failure")
     p.add_argument(

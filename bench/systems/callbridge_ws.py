@@ -43,4 +43,6 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    from common import run_loop
+
+    run_loop(main())

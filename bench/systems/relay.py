@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import json
 import signal
+import sys
+from pathlib import Path
 
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
@@ -95,4 +97,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from common import run_loop
+
+    run_loop(main())
