@@ -53,6 +53,10 @@ AGENT_IDLE = os.environ.get("SOAK_AGENT_IDLE_SECONDS", "1.5")
 # Calls placed per second: a burst of hundreds of creates at once would only measure how
 # slowly the emulated Twilio API answers (the bridge gives up a create after 5 s: 502).
 RATE = float(os.environ.get("SOAK_CALLS_PER_SECOND", "25"))
+# Milliseconds between an emulated caller's media frames. Twilio sends one every 20 ms; the load
+# generator of 200+ such calls and the server together need more than this machine's two cores
+# (bench/: ~1.3 cores for the server alone), so the large soak sends a frame every 100 ms.
+FRAME_MS = float(os.environ.get("SOAK_FRAME_MS", "20"))
 # Drop idle connections before uvicorn does (5 s): reusing one it is closing is a ReadError.
 API_LIMITS = httpx.Limits(keepalive_expiry=2.0)
 
@@ -182,7 +186,7 @@ async def test_soak(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
 
     async with (
-        TwilioEmulator(record_media=False) as twilio,
+        TwilioEmulator(record_media=False, media_frame_interval=FRAME_MS / 1000) as twilio,
         AgentEmulator(script_factory=scripts) as agent,
     ):
         twilio_port = int(twilio.base_url.rsplit(":", 1)[1])
@@ -207,6 +211,7 @@ async def test_soak(tmp_path: Path) -> None:
         )
         dialer = Dialer(twilio, api, rng)
         results: list[tuple[EmulatedCall, Fault]] = []
+        sampler: asyncio.Future[None] | None = None
         try:
             # Warm up with one wave at full concurrency (imports; the database and HTTP
             # connection pools grow to their working size), then take the baseline.
@@ -256,6 +261,7 @@ async def test_soak(tmp_path: Path) -> None:
                 results.extend(t.result() for t in done)
                 peak_rss = max(peak_rss, proc_stats(proc.pid)[0])
             elapsed = time.monotonic() - started
+            # Stopped before the final snapshot: its keep-alive connection is not the server's.
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
@@ -281,6 +287,10 @@ async def test_soak(tmp_path: Path) -> None:
             end_rss, end_fds = proc_stats(proc.pid)
             end_files = open_files(proc.pid)
         finally:
+            if sampler is not None:
+                sampler.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler
             for task in live:
                 task.cancel()
             await asyncio.gather(*live, return_exceptions=True)
@@ -331,6 +341,7 @@ async def test_soak(tmp_path: Path) -> None:
         "calls": CALLS,
         "concurrency": CONCURRENCY,
         "talk_seconds": TALK,
+        "media_frame_ms": FRAME_MS,
         "agent_idle_timeout_s": float(AGENT_IDLE),
         "peak_live_calls_on_server": peak_live,
         "seconds": round(elapsed, 1),

@@ -239,6 +239,7 @@ class MediaStreamCaller:
         open_timeout: float = 5.0,
         close_timeout: float = 2.0,
         record_media: bool = True,
+        frame_interval: float = FRAME_SECONDS,
     ) -> None:
         self.url = url
         self.account_sid = account_sid
@@ -253,6 +254,9 @@ class MediaStreamCaller:
         self.close_timeout = close_timeout
         # Long or many calls (benchmarks) can skip keeping every media message in sent/received.
         self.record_media = record_media
+        # Seconds between media frames. Twilio sends one every 20 ms; a soak of hundreds of calls
+        # on a small machine may send them less often (each frame still carries 20 ms of audio).
+        self.frame_interval = frame_interval
 
         # What happened, for assertions.
         self.sent: list[tuple[float, dict[str, Any]]] = []
@@ -564,7 +568,7 @@ class MediaStreamCaller:
         try:
             while True:
                 # Each frame is due at start + n * 20 ms, so lateness never accumulates.
-                delay = start + index * FRAME_SECONDS - loop.time()
+                delay = start + index * self.frame_interval - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 payload = base64.b64encode(self._next_frame()).decode("ascii")
@@ -971,6 +975,7 @@ class TwilioEmulator:
         stream_open_timeout: float = 5.0,
         stream_close_timeout: float = 2.0,
         record_media: bool = True,
+        media_frame_interval: float = FRAME_SECONDS,
     ) -> None:
         if not _is_loopback_host(host):
             raise ValueError(f"the Twilio emulator only listens on loopback addresses, not {host!r}")
@@ -996,6 +1001,7 @@ class TwilioEmulator:
         self.stream_open_timeout = stream_open_timeout
         self.stream_close_timeout = stream_close_timeout
         self.record_media = record_media
+        self.media_frame_interval = media_frame_interval
 
         self.calls: dict[str, EmulatedCall] = {}
         self.requests: list[RecordedRequest] = []
@@ -1588,6 +1594,7 @@ class TwilioEmulator:
             open_timeout=self.stream_open_timeout,
             close_timeout=self.stream_close_timeout,
             record_media=self.record_media,
+            frame_interval=self.media_frame_interval,
         )
         caller.on_hangup = lambda _: self._finish_call(call, "completed", "caller_hangup")
         call.streams.append(caller)
