@@ -799,7 +799,10 @@ def main() -> int:
     timing = (
         Timing(steady_s=steady)
         if not args.smoke
-        else Timing(steady_s=steady, settle_s=1.0, goodbye_spread_s=0.5, hard_after_s=1.5)
+        # An agent in its 2 s listening pause at its goodbye time says the goodbye (1 s) after the
+        # pause: the callers must wait that long before hanging up themselves (1.5 s cut off the
+        # goodbye of one smoke call in five, and counted it as never hung up).
+        else Timing(steady_s=steady, settle_s=1.0, goodbye_spread_s=0.5, hard_after_s=3.0)
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = BENCH / "results" / "tmp"

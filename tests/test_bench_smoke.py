@@ -1,0 +1,43 @@
+"""The benchmark harness's smoke run (bench/run.py --smoke): 5 calls through callbridge
+and the bare relay, a few seconds each. Checks that the harness works end to end and
+that its numbers are plausible, never how fast anything is (CI machines vary)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.timeout(180)
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".md").exists()
+    runs = {r["system"]: r for r in report["runs"]}
+    assert set(runs) == {"callbridge", "relay"}
+    for name, r in runs.items():
+        assert "error" not in r, (name, r.get("error"))
+        assert r["connected"] == 5 and r["agent_conversations"] == 5, name
+        for way in ("up", "down"):
+            stats = r[way]
+            assert stats["expected"] > 0 and stats["n"] > 0, (name, way, stats)
+            assert stats["lost"] == 0, (name, way, stats)
+            assert stats["p50"] is not None and 0 < stats["p50"] < 5000, (name, way, stats)
+        assert r["sut_cpu_s"] > 0 and r["rss_peak_mb"] > 0, name
+    # callbridge hangs up through the REST API after the goodbye; the bare relay never does.
+    assert runs["callbridge"]["hangup"]["ended_by"] == {"rest": 5}
+    assert runs["callbridge"]["hangup"]["goodbye_cut_calls"] == 0
+    assert runs["relay"]["rest_requests"] == 0
