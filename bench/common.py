@@ -260,3 +260,16 @@ def run_loop(main: Any) -> None:
         except ImportError:
             pass
     asyncio.run(main)
+
+
+def relay_args() -> tuple[int, str]:
+    """The bare relays' command line: (port to serve on, the agent's ConvAI WebSocket URL)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--agent-url", required=True)
+    p.add_argument("--rest-url", default="")  # the relays never hang up
+    args = p.parse_args()
+    base = args.agent_url.replace("http://", "ws://")
+    return args.port, base + "/v1/convai/conversation?agent_id=bench-agent"

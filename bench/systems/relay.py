@@ -9,7 +9,6 @@ bridge must do; no validation, no state, no hang-up.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -20,6 +19,9 @@ from pathlib import Path
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import relay_args, run_loop
 
 
 async def handle(twilio: ServerConnection, agent_url: str) -> None:
@@ -77,12 +79,7 @@ async def handle(twilio: ServerConnection, agent_url: str) -> None:
 
 
 async def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--agent-url", required=True)
-    p.add_argument("--rest-url", default="")
-    args = p.parse_args()
-    url = args.agent_url.replace("http://", "ws://") + "/v1/convai/conversation?agent_id=bench-agent"
+    port, url = relay_args()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -91,13 +88,10 @@ async def main() -> None:
         with contextlib.suppress(ConnectionClosed, OSError):
             await handle(ws, url)
 
-    async with serve(handler, "127.0.0.1", args.port, compression=None, max_size=1 << 16):
+    async with serve(handler, "127.0.0.1", port, compression=None, max_size=1 << 16):
         print("READY", flush=True)
         await stop.wait()
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from common import run_loop
-
     run_loop(main())

@@ -9,7 +9,6 @@ of a bridge's cost is the WebSocket library rather than the kernel's socket work
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import signal
@@ -17,6 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import relay_args, run_loop
 from leanws import WsClient, WsServer
 
 
@@ -93,23 +93,15 @@ class TwilioLeg(WsServer):
 
 
 async def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--agent-url", required=True)
-    p.add_argument("--rest-url", default="")
-    args = p.parse_args()
-    base = args.agent_url.replace("http://", "ws://")
-    TwilioLeg.agent_url = base + "/v1/convai/conversation?agent_id=bench-agent"
+    port, TwilioLeg.agent_url = relay_args()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    server = await loop.create_server(TwilioLeg, "127.0.0.1", args.port, backlog=1024)
+    server = await loop.create_server(TwilioLeg, "127.0.0.1", port, backlog=1024)
     print("READY", flush=True)
     await stop.wait()
     server.close()
 
 
 if __name__ == "__main__":
-    from common import run_loop
-
     run_loop(main())
