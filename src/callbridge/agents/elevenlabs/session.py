@@ -12,7 +12,6 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from callbridge.agents.base import (
@@ -24,6 +23,7 @@ from callbridge.agents.base import (
 )
 from callbridge.agents.elevenlabs.protocol import ElevenLabsProtocol, close_outcome
 from callbridge.telephony.base import StreamInfo
+from callbridge.wsclient import AgentSocket, connect
 
 __all__ = ["ElevenLabsConfig", "ElevenLabsSession", "session_factory", "websocket_base"]
 
@@ -69,7 +69,7 @@ class ElevenLabsSession:
         self.config = config
         self.protocol = ElevenLabsProtocol()
         self._http = http
-        self._ws: ClientConnection | None = None
+        self._ws: AgentSocket | None = None
         self._early: list[AgentEvent] = []
         self._closing = False
         self._open = False
@@ -132,13 +132,13 @@ class ElevenLabsSession:
     async def connect(self, context: AgentCallContext) -> AgentReady:
         url = await self._url()
         try:
+            # No compression offered: base64 audio hardly compresses; deflate would cost CPU per
+            # frame. The Call bounds the whole connect.
             self._ws = await connect(
                 url,
-                compression=None,  # base64 audio hardly compresses; deflate would cost CPU per frame
                 max_size=self.config.max_message_bytes,
-                open_timeout=None,  # the Call bounds the whole connect
                 close_timeout=self.config.close_timeout,
-                user_agent_header="callbridge",
+                user_agent="callbridge",
             )
         except InvalidStatus as exc:
             raise AgentUnreachable(f"agent refused the connection: HTTP {exc.response.status_code}") from None
