@@ -18,13 +18,18 @@ converter's own delay (what the listener really experiences).
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import base64
 import json
 import math
 import os
 import random
 import struct
+from array import array
+from collections.abc import Coroutine
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -245,27 +250,32 @@ def env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0", "false", "no")
 
 
-def run_loop(main: Any) -> None:
-    """Run a system's `main()` on the event loop chosen by BENCH_LOOP (uvloop, the default when
-    installed, as uvicorn's `loop="auto"` does for the peers; or asyncio)."""
-    import asyncio
-    import os
-
-    if os.environ.get("BENCH_LOOP", "auto") != "asyncio":
+def run_loop(main: Coroutine[Any, Any, None], loop: str | None = None) -> None:
+    """Run a bench process's `main()` on uvloop when it is installed (as uvicorn's `loop="auto"`
+    does for the peers), or on asyncio when `loop` (default: the BENCH_LOOP variable) says so."""
+    if (loop or os.environ.get("BENCH_LOOP", "auto")) != "asyncio":
         try:
             import uvloop
-
-            uvloop.run(main)
-            return
         except ImportError:
             pass
+        else:
+            uvloop.run(main)
+            return
     asyncio.run(main)
+
+
+def save_logs(out: Path, summary: dict[str, Any], logs: dict[str, array[Any]]) -> None:
+    """A load generator's logs: the arrays as `out`.npz (int64 / float64), the summary as .json."""
+    import numpy as np
+
+    dtypes = {"q": np.int64, "d": np.float64}
+    arrays = {k: np.frombuffer(v, dtype=dtypes[v.typecode]) for k, v in logs.items()}
+    np.savez(out.with_suffix(".npz"), **arrays)
+    out.with_suffix(".json").write_text(json.dumps(summary))
 
 
 def relay_args() -> tuple[int, str]:
     """The bare relays' command line: (port to serve on, the agent's ConvAI WebSocket URL)."""
-    import argparse
-
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--agent-url", required=True)

@@ -25,8 +25,6 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import base64
@@ -40,6 +38,8 @@ from common import (
     find_tags,
     loud_flags_pcm16,
     pcm16_chunk_b64,
+    run_loop,
+    save_logs,
     tag,
 )
 from leanws import WsServer
@@ -286,18 +286,8 @@ def summary(agent: Agent) -> dict[str, Any]:
 
 
 def save(agent: Agent, out: Path) -> None:
-    np.savez(
-        out.with_suffix(".npz"),
-        recv_key=np.frombuffer(agent.recv_key, dtype=np.int64),
-        recv_t=np.frombuffer(agent.recv_t, dtype=np.float64),
-        sent_key=np.frombuffer(agent.sent_key, dtype=np.int64),
-        sent_t=np.frombuffer(agent.sent_t, dtype=np.float64),
-        onset_call=np.frombuffer(agent.onset_call, dtype=np.int64),
-        onset_t=np.frombuffer(agent.onset_t, dtype=np.float64),
-        marker_call=np.frombuffer(agent.marker_call, dtype=np.int64),
-        marker_t=np.frombuffer(agent.marker_t, dtype=np.float64),
-    )
-    out.with_suffix(".json").write_text(json.dumps(summary(agent)))
+    names = ("recv_key", "recv_t", "sent_key", "sent_t", "onset_call", "onset_t", "marker_call", "marker_t")
+    save_logs(out, summary(agent), {name: getattr(agent, name) for name in names})
 
 
 async def main() -> None:
@@ -334,9 +324,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    try:  # the load generator must stay cheaper than what it measures: uvloop when available
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+    run_loop(main(), loop="uvloop")  # the load generator must stay cheaper than what it measures

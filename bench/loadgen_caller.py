@@ -32,8 +32,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
@@ -51,6 +49,8 @@ from common import (
     call_sid_of,
     find_tags,
     loud_flags_ulaw,
+    run_loop,
+    save_logs,
     ulaw_frame_b64,
 )
 from leanws import WsClient
@@ -396,19 +396,18 @@ def summary(load: Load) -> dict[str, Any]:
 
 
 def save(load: Load, out: Path) -> None:
-    np.savez(
-        out.with_suffix(".npz"),
-        sent_key=np.frombuffer(load.sent_key, dtype=np.int64),
-        sent_t=np.frombuffer(load.sent_t, dtype=np.float64),
-        late_ms=np.frombuffer(load.late_ms, dtype=np.float64),
-        recv_key=np.frombuffer(load.recv_key, dtype=np.int64),
-        recv_t=np.frombuffer(load.recv_t, dtype=np.float64),
-        onset_call=np.frombuffer(load.onset_call, dtype=np.int64),
-        onset_t=np.frombuffer(load.onset_t, dtype=np.float64),
-        marker_call=np.frombuffer(load.marker_call, dtype=np.int64),
-        marker_t=np.frombuffer(load.marker_t, dtype=np.float64),
+    names = (
+        "sent_key",
+        "sent_t",
+        "late_ms",
+        "recv_key",
+        "recv_t",
+        "onset_call",
+        "onset_t",
+        "marker_call",
+        "marker_t",
     )
-    out.with_suffix(".json").write_text(json.dumps(summary(load)))
+    save_logs(out, summary(load), {name: getattr(load, name) for name in names})
 
 
 async def main() -> None:
@@ -455,9 +454,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    try:  # the load generator must stay cheaper than what it measures: uvloop when available
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
+    run_loop(main(), loop="uvloop")  # the load generator must stay cheaper than what it measures
