@@ -134,11 +134,7 @@ class AgentSocket(asyncio.Protocol):
         if self.protocol.state is State.OPEN:
             self.protocol.send_close(code, reason)
             self._flush()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._lost), self._close_timeout)
-        if not self._lost.done():
-            self.transport.abort()
-            await self._lost
+        await self._until_lost(self._close_timeout)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -242,12 +238,17 @@ class AgentSocket(asyncio.Protocol):
 
     async def _closed(self) -> None:
         """Wait for a closing connection to be closed, then raise how it closed."""
+        # The close timer (`_flush`) aborts it after the close timeout; this bound is a backstop.
+        await self._until_lost(self._close_timeout + 1.0)
+        raise self.protocol.close_exc
+
+    async def _until_lost(self, timeout: float) -> None:
+        """Wait up to `timeout` for the TCP connection to close; then abort it."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._lost), self._close_timeout + 1.0)
+            await asyncio.wait_for(asyncio.shield(self._lost), timeout)
         if not self._lost.done():
             self.transport.abort()
             await self._lost
-        raise self.protocol.close_exc
 
     async def _wait_drain(self) -> None:
         if self._drain is None or self._drain.done():

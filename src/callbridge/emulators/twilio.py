@@ -567,7 +567,7 @@ class MediaStreamCaller:
         index = 0
         try:
             while True:
-                # Each frame is due at start + n * 20 ms, so lateness never accumulates.
+                # Frame n is due at start + n * frame_interval, so lateness never accumulates.
                 delay = start + index * self.frame_interval - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
