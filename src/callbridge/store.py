@@ -1,54 +1,121 @@
 """Call records through SQLAlchemy 2 (async): a SQLite file by default, PostgreSQL by URL.
 
-`CallStore.save` is the `RecordSink` of the bridge: called when a call starts and
-when it ends (an upsert by call SID). A record is never dropped because the
-database hiccupped at the moment the call ended: a failed save is kept in memory
-and retried with backoff (and with every later save); if the database is still
-unwritable at `close()`, the records go to a spool file (JSON lines) that the next
-`init()` writes to the database.
+The database is never on a call's path. Every write (a call's record at start and at
+end, a Twilio status callback, an outbound call's placeholder, a record closed by
+recovery) is an *operation* queued in memory and applied by one writer task, one
+transaction per call, so a record the database refuses never holds up another. The
+writer retries every transient error (connection refused or reset, timeouts, a
+database restarting) with capped exponential backoff (tenacity), so writes are
+replayed within seconds of the database coming back, not when the next call comes.
+
+While the database is unreachable, queued operations are appended to a spool file
+(JSON lines, fsync'd) at once, so a SIGTERM or SIGKILL in the middle of an outage
+loses nothing: the next start (or the database's return) replays them in order, and a
+call that ended during the outage keeps its true end reason and transcript. A value
+the database refuses costs only its own field: the record is written without it and
+names it in `refused_fields`; an operation that cannot be written at all goes to a
+quarantine file with one log line, and never stops the server from starting.
+
+The schema is versioned with Alembic (`callbridge/migrations`) and upgraded at start
+under a lock (a PostgreSQL advisory lock; a file lock beside a SQLite file), so that
+any number of instances starting together never race to create it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import functools
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import JSON, DateTime, Float, Index, String, Text, func, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy import (
+    JSON,
+    Connection,
+    DateTime,
+    Float,
+    Index,
+    String,
+    Table,
+    Text,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import text as sql_text
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never, wait_exponential_jitter
 
 from callbridge.call import CallRecord
+from callbridge.config import redact_url
 
-__all__ = ["CallRow", "CallStore", "Page"]
+__all__ = [
+    "CallRow",
+    "CallStore",
+    "Page",
+    "StoreUnavailable",
+    "is_transient",
+    "upgrade_database",
+]
 
 ListOfDicts = list[dict[str, Any]]
 T = TypeVar("T")
+Op = dict[str, Any]
 
-# CallRecord fields stored as they are (same name on the row).
-_COPIED_FIELDS = (
-    "stream_sid",
-    "conversation_id",
+log = logging.getLogger("callbridge.store")
+
+# Columns every row has a value for; a record the database refuses is written with these
+# first, then the others one by one.
+CORE_COLUMNS = (
     "direction",
-    "from_number",
-    "to_number",
     "status",
     "end_reason",
-    "end_detail",
+    "twilio_status",
     "started_at",
     "answered_at",
     "ended_at",
     "duration_s",
+    "instance",
+    "updated_at",
 )
-
-log = logging.getLogger("callbridge.store")
+OPTIONAL_COLUMNS = (
+    "stream_sid",
+    "conversation_id",
+    "from_number",
+    "to_number",
+    "end_detail",
+    "transcript",
+    "timeline",
+    "twilio_events",
+    "metrics",
+)
+# What a refused JSON column is written as (they are NOT NULL).
+_EMPTY: dict[str, Any] = {"transcript": [], "timeline": [], "twilio_events": [], "metrics": {}}
+_RECORD_FIELDS = (
+    "stream_sid",
+    "conversation_id",
+    "direction",
+    "status",
+    "end_reason",
+    "end_detail",
+    "duration_s",
+)
+_TIMES = ("started_at", "answered_at", "ended_at")
+_LOCK_KEY = 0x63616C6C  # pg_advisory_lock key of the schema migration ("call")
+MIGRATIONS = "callbridge:migrations"
+SPOOL_NAME = "callbridge-unsaved-records.jsonl"
+QUARANTINE_NAME = "callbridge-refused-records.jsonl"
 
 
 class Base(DeclarativeBase):
@@ -56,18 +123,20 @@ class Base(DeclarativeBase):
 
 
 class CallRow(Base):
+    """The `calls` table as the migrations leave it (head revision)."""
+
     __tablename__ = "calls"
 
-    call_sid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    stream_sid: Mapped[str | None] = mapped_column(String(64))
-    conversation_id: Mapped[str | None] = mapped_column(String(128))
-    direction: Mapped[str] = mapped_column(String(16), default="inbound")
-    from_number: Mapped[str | None] = mapped_column(String(64))
-    to_number: Mapped[str | None] = mapped_column(String(64))
-    status: Mapped[str] = mapped_column(String(16), default="active")
-    end_reason: Mapped[str | None] = mapped_column(String(32))
+    call_sid: Mapped[str] = mapped_column(Text, primary_key=True)
+    stream_sid: Mapped[str | None] = mapped_column(Text)
+    conversation_id: Mapped[str | None] = mapped_column(Text)
+    direction: Mapped[str] = mapped_column(Text, default="inbound")
+    from_number: Mapped[str | None] = mapped_column(Text)
+    to_number: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, default="active")
+    end_reason: Mapped[str | None] = mapped_column(Text)
     end_detail: Mapped[str | None] = mapped_column(Text)
-    twilio_status: Mapped[str | None] = mapped_column(String(32))
+    twilio_status: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -77,8 +146,9 @@ class CallRow(Base):
     # Status callbacks, kept apart: they may arrive while the call's own record is written.
     twilio_events: Mapped[list[Any]] = mapped_column(JSON, default=list)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    instance: Mapped[str | None] = mapped_column(String(128))
+    instance: Mapped[str | None] = mapped_column(String)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=lambda: datetime.now(UTC))
+    refused_fields: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_calls_status", "status"),
@@ -86,34 +156,165 @@ class CallRow(Base):
         Index("ix_calls_end_reason", "end_reason"),
     )
 
-    def to_dict(self) -> dict[str, Any]:
-        def iso(value: datetime | None) -> str | None:
-            if value is None:
-                return None
-            if value.tzinfo is None:  # SQLite hands back naive datetimes
-                value = value.replace(tzinfo=UTC)
-            return value.isoformat()
 
-        return {
-            "call_sid": self.call_sid,
-            "stream_sid": self.stream_sid,
-            "conversation_id": self.conversation_id,
-            "direction": self.direction,
-            "from": self.from_number,
-            "to": self.to_number,
-            "status": self.status,
-            "end_reason": self.end_reason,
-            "end_detail": self.end_detail,
-            "twilio_status": self.twilio_status,
-            "twilio_events": self.twilio_events or [],
-            "started_at": iso(self.started_at),
-            "answered_at": iso(self.answered_at),
-            "ended_at": iso(self.ended_at),
-            "duration_s": self.duration_s,
-            "transcript": self.transcript or [],
-            "timeline": self.timeline or [],
-            "metrics": self.metrics or {},
-        }
+CALLS = cast(Table, CallRow.__table__)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:  # SQLite hands back naive datetimes
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _time(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return _aware(value)
+    return _aware(datetime.fromisoformat(str(value)))
+
+
+def row_to_dict(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row's columns as the API and the CLI show a record."""
+
+    def iso(value: datetime | None) -> str | None:
+        value = _aware(value)
+        return value.isoformat() if value is not None else None
+
+    refused = row.get("refused_fields")
+    return {
+        "call_sid": row["call_sid"],
+        "stream_sid": row.get("stream_sid"),
+        "conversation_id": row.get("conversation_id"),
+        "direction": row.get("direction"),
+        "from": row.get("from_number"),
+        "to": row.get("to_number"),
+        "status": row.get("status"),
+        "end_reason": row.get("end_reason"),
+        "end_detail": row.get("end_detail"),
+        "twilio_status": row.get("twilio_status"),
+        "twilio_events": row.get("twilio_events") or [],
+        "started_at": iso(row.get("started_at")),
+        "answered_at": iso(row.get("answered_at")),
+        "ended_at": iso(row.get("ended_at")),
+        "duration_s": row.get("duration_s"),
+        "transcript": row.get("transcript") or [],
+        "timeline": row.get("timeline") or [],
+        "metrics": row.get("metrics") or {},
+        "refused_fields": refused.split(",") if refused else [],
+    }
+
+
+# -- operations: what a write does to a row, as plain data (they are spooled as JSON) -------
+
+
+def _new_row(call_sid: str, op: Op) -> dict[str, Any]:
+    return {
+        "call_sid": call_sid,
+        "direction": "inbound",
+        "status": "active",
+        "started_at": _time(op.get("at")),
+        "transcript": [],
+        "timeline": [],
+        "twilio_events": [],
+        "metrics": {},
+        "instance": op.get("instance"),
+    }
+
+
+def apply_op(row: dict[str, Any] | None, op: Op) -> dict[str, Any] | None:
+    """The row after `op` (None: the operation leaves a missing row missing). Pure: the
+    writer, the read-your-writes overlay of `get` and the spool replay all use it."""
+    kind, sid = op["op"], op["call_sid"]
+    at = _time(op.get("at"))
+    if kind == "record":
+        rec = op["record"]
+        if row is not None and row.get("status") == "ended" and rec.get("status") != "ended":
+            return row  # never reopen a closed record (e.g. a replayed start record)
+        row = dict(row) if row is not None else _new_row(sid, op)
+        for name in _RECORD_FIELDS:
+            row[name] = rec.get(name)
+        row["from_number"], row["to_number"] = rec.get("from"), rec.get("to")
+        for name in _TIMES:
+            row[name] = _time(rec.get(name))
+        row["transcript"] = list(rec.get("transcript") or [])
+        row["timeline"] = list(rec.get("timeline") or [])
+        row["metrics"] = dict(rec.get("metrics") or {})
+        row["instance"] = op.get("instance")
+    elif kind == "status":
+        form = op.get("form") or {}
+        if row is None:
+            row = _new_row(sid, op)
+            row["direction"] = "outbound" if form.get("Direction", "").startswith("outbound") else "inbound"
+            row["from_number"], row["to_number"] = form.get("From"), form.get("To")
+        else:
+            row = dict(row)
+        event = {"status": op["status"], **(op.get("details") or {})}
+        events = list(row.get("twilio_events") or [])
+        if event not in events:  # a spool replayed twice adds nothing
+            events.append(event)
+        row["twilio_status"], row["twilio_events"] = op["status"], events
+    elif kind == "placeholder":
+        if row is not None:
+            return row
+        row = _new_row(sid, op)
+        row["direction"], row["from_number"], row["to_number"] = op["direction"], op["from"], op["to"]
+    elif kind == "close":
+        if row is not None and row.get("status") == "ended" and not op.get("force"):
+            return row
+        row = dict(row) if row is not None else _new_row(sid, op)
+        for name in ("direction", "from_number", "to_number"):
+            if op.get(name) and not row.get(name):
+                row[name] = op[name]
+        row["status"], row["end_reason"], row["end_detail"] = "ended", op["reason"], op["detail"]
+        row["ended_at"] = at
+        started = _aware(row.get("started_at"))
+        if started is not None and at is not None:
+            row["duration_s"] = round((at - started).total_seconds(), 3)
+    else:
+        raise ValueError(f"unknown store operation {kind!r}")
+    row["updated_at"] = at or datetime.now(UTC)
+    return row
+
+
+# -- which errors are worth retrying ---------------------------------------------------------
+
+# SQLSTATE classes: 08 connection exception, 40 transaction rollback (serialization,
+# deadlock), 53 insufficient resources, 57 operator intervention (admin shutdown,
+# "the database system is starting up"), 58 system error.
+_TRANSIENT_SQLSTATE = ("08", "40", "53", "57", "58")
+_REFUSED_SQLSTATE = ("22", "23")  # data exception, integrity constraint violation
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    for candidate in (exc, orig, getattr(orig, "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The database is unreachable, hung or restarting (not: it refused this value)."""
+    if isinstance(exc, OSError | TimeoutError | ConnectionError):
+        return True
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        code = _sqlstate(exc)
+        if code is not None:
+            return code[:2] in _TRANSIENT_SQLSTATE
+        # SQLite: "database is locked", "disk I/O error", "unable to open database file"
+        orig = exc.orig
+        if isinstance(orig, OSError | TimeoutError):
+            return True
+        return type(exc).__name__ in ("OperationalError", "InterfaceError")
+    # asyncpg's own connection errors, when they escape SQLAlchemy's wrapping
+    module = type(exc).__module__
+    return module.startswith("asyncpg") and "Connection" in type(exc).__name__
+
+
+class StoreUnavailable(Exception):
+    """A read could not be answered: the database is down, hung or refusing connections."""
 
 
 @dataclass
@@ -122,173 +323,436 @@ class Page:
     next_offset: int | None
 
 
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _start_error(exc: BaseException, url: str) -> Exception:
+    """The one-line start-up error for a database problem (callbridge.dberrors)."""
+    try:
+        from callbridge.dberrors import DatabaseError, explain
+    except ImportError:  # pragma: no cover - dberrors is part of the package
+        return RuntimeError(f"database {redact_url(url)}: {_short(exc)}")
+    if isinstance(exc, DatabaseError):
+        return exc
+    return DatabaseError(explain(exc, url))
+
+
 class CallStore:
+    """The records of calls. `save` (the bridge's `RecordSink`) and the other writes
+    return at once; reads raise `StoreUnavailable` within `timeout` seconds when the
+    database cannot answer."""
+
     def __init__(
         self,
         url: str,
         instance: str | None = None,
         busy_timeout: float = 5.0,
         spool_path: str | None = None,
+        timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        max_retry_delay: float = 2.0,
     ) -> None:
         self.url = url
         self.instance = instance
+        self.timeout = timeout
+        self.max_retry_delay = max_retry_delay
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             # SQLite: wait this long for a lock rather than fail at once.
             kwargs["connect_args"] = {"timeout": busy_timeout}
+        elif url.startswith("postgresql"):
+            kwargs["connect_args"] = {
+                "timeout": connect_timeout,
+                "command_timeout": timeout,
+                "server_settings": {"application_name": "callbridge"},
+            }
+            kwargs["pool_pre_ping"] = True
+            kwargs["pool_timeout"] = timeout
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
-        self._session = async_sessionmaker(self.engine, expire_on_commit=False)
-        self._pending: dict[str, CallRecord] = {}
-        self._lock = asyncio.Lock()
-        self.spool_path = spool_path or os.path.abspath("callbridge-unsaved-records.jsonl")
-        self._retry_handle: asyncio.TimerHandle | None = None
-        self._retry_task: asyncio.Task[None] | None = None
-        self._retry_delay = 0.5
-        self.saves_failed = 0
+        self.spool_path = spool_path or os.path.abspath(SPOOL_NAME)
+        self.quarantine_path = os.path.join(os.path.dirname(self.spool_path), QUARANTINE_NAME)
+        self._pending: dict[str, list[Op]] = {}
+        self._spooled: set[int] = set()  # ids of pending ops already in the spool file
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._healthy = True
+        self._down_since: float | None = None
+        self._closed = False
+        self.saves_failed = 0  # failed write passes (each retried)
+        self.quarantined = 0
+        self.unwritten = 0  # calls whose writes were left in the spool at close
 
-    async def init(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-        await self._load_spool()
+    # -- life ---------------------------------------------------------------------------
 
-    async def close(self) -> None:
-        if self._retry_handle is not None:
-            self._retry_handle.cancel()
-        if self._retry_task is not None:
-            self._retry_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retry_task
-        if self._pending:
+    async def init(self, migrate: bool = True) -> None:
+        """Upgrade the schema (under the migration lock), take back what an earlier run
+        spooled, and start the writer. A database that cannot be opened raises
+        `callbridge.dberrors.DatabaseError` with one line for the user."""
+        if migrate:
             try:
-                await self._flush()
-            except SQLAlchemyError as exc:
-                self._spool(exc)
-        await self.engine.dispose()
+                await asyncio.wait_for(self._migrate(), self.timeout * 6)
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.engine.dispose(), self.timeout)
+                raise _start_error(exc, self.url) from None
+        self._load_spool()
+        self._writer_task = asyncio.ensure_future(self._writer())
+        if self._pending:
+            self._kick()
+
+    async def close(self, timeout: float | None = None) -> int:
+        """Write what is pending (for at most `timeout`, default the store's timeout), spool
+        the rest, release the connections. Returns the number of calls left in the spool."""
+        if self._closed:
+            return self.unwritten
+        self._closed = True
+        budget = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        if self._writer_task is not None:
+            if self._pending and self._healthy:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+            self._writer_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer_task
+        if self._pending:
+            self._spool_pending()
+            self.unwritten = len(self._pending)
+            log.error(
+                "store: %d call records not written to the database (%s); they are in %s "
+                "and will be written at the next start",
+                self.unwritten,
+                redact_url(self.url),
+                self.spool_path,
+            )
+        await self._dispose(max(0.5, deadline - time.monotonic()))
+        return self.unwritten
+
+    async def _dispose(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self.engine.dispose(), timeout)
+        except (TimeoutError, SQLAlchemyError, OSError) as exc:
+            # A hung server never answers the goodbye: drop the connections without it.
+            log.warning("store: closing database connections: %s", _short(exc))
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.engine.dispose(close=False), 1.0)
 
     @property
     def pending(self) -> int:
+        """Calls with writes not yet in the database."""
         return len(self._pending)
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    async def wait_written(self, timeout: float) -> bool:
+        """Wait until every queued write is in the database (True), or `timeout` passes."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    # -- writes: queued, return at once -------------------------------------------------
 
     async def save(self, record: CallRecord) -> None:
         if not record.call_sid:
             return
-        self._pending[record.call_sid] = record
-        try:
-            await self._flush()
-        except SQLAlchemyError as exc:
-            self.saves_failed += 1
-            log.error(
-                "store: saving call %s failed (%r); kept in memory, retrying (%d pending)",
-                record.call_sid,
-                exc,
-                len(self._pending),
-            )
-            self._schedule_retry()
-            raise
+        self._enqueue({"op": "record", "call_sid": record.call_sid, "record": record.to_dict()})
 
-    async def _flush(self) -> None:
-        async with self._lock:
+    async def set_twilio_status(
+        self, call_sid: str, twilio_status: str, details: dict[str, Any], form: dict[str, str] | None = None
+    ) -> None:
+        """A status callback. It may come before any record of the call (an outbound
+        call's `initiated`): then it starts the record from what the callback says."""
+        form = {k: v for k, v in (form or {}).items() if k in ("Direction", "From", "To")}
+        self._enqueue(
+            {"op": "status", "call_sid": call_sid, "status": twilio_status, "details": details, "form": form}
+        )
+
+    async def create_placeholder(self, call_sid: str, direction: str, from_: str, to: str) -> dict[str, Any]:
+        """An outbound call created but not yet connected: visible in the API at once.
+        Returns the record as it will be written (without waiting for the database)."""
+        op: Op = {"op": "placeholder", "call_sid": call_sid, "direction": direction, "from": from_, "to": to}
+        self._enqueue(op)
+        row = apply_op(None, op)
+        assert row is not None
+        return row_to_dict(row)
+
+    async def close_record(
+        self,
+        call_sid: str,
+        reason: str,
+        detail: str,
+        force: bool = False,
+        direction: str | None = None,
+        from_: str | None = None,
+        to: str | None = None,
+    ) -> None:
+        """End a record left open (creating it if the call never had one); `force`
+        rewrites the reason and detail of an ended one."""
+        op: Op = {"op": "close", "call_sid": call_sid, "reason": reason, "detail": detail, "force": force}
+        op.update({"direction": direction, "from_number": from_, "to_number": to})
+        self._enqueue(op)
+
+    def _enqueue(self, op: Op) -> None:
+        op.setdefault("at", datetime.now(UTC).isoformat())
+        op.setdefault("instance", self.instance)
+        ops = self._pending.setdefault(op["call_sid"], [])
+        if op["op"] == "record" and ops and ops[-1]["op"] == "record" and id(ops[-1]) not in self._spooled:
+            ops[-1] = op  # a newer snapshot of the same record replaces one not yet written
+        else:
+            ops.append(op)
+        if not self._healthy or self._writer_task is None:
+            # The database is down (or the store is not running): on disk at once.
+            self._spool_pending()
+        self._kick()
+
+    def _kick(self) -> None:
+        self._idle.clear()
+        self._wakeup.set()
+
+    # -- the writer -----------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            try:
+                async for attempt in AsyncRetrying(
+                    retry=retry_if_exception(is_transient),
+                    wait=wait_exponential_jitter(multiplier=0.1, max=self.max_retry_delay, jitter=0.2),
+                    stop=stop_never,
+                    before_sleep=self._write_failed,
+                    reraise=True,
+                ):
+                    with attempt:
+                        await self._write_pass()
+            except Exception:  # a bug, not the database: keep the writes, try again later
+                log.exception("store: writer pass failed; retrying in %.0f s", self.max_retry_delay)
+                self._spool_pending()
+                await asyncio.sleep(self.max_retry_delay)
+                self._wakeup.set()
+                continue
             if not self._pending:
-                return
-            batch = list(self._pending.values())
-            await self._write(batch)
-            for record in batch:
-                if self._pending.get(record.call_sid or "") is record:
-                    del self._pending[record.call_sid or ""]
-            self._retry_delay = 0.5
+                self._idle.set()
+                self._remove_spool()
 
-    def _schedule_retry(self) -> None:
-        if self._retry_handle is not None or (self._retry_task is not None and not self._retry_task.done()):
-            return
-        delay, self._retry_delay = self._retry_delay, min(self._retry_delay * 2, 30.0)
-        self._retry_handle = asyncio.get_running_loop().call_later(delay, self._start_retry)
+    async def _write_pass(self) -> None:
+        while self._pending:
+            for call_sid in list(self._pending):
+                ops = list(self._pending.get(call_sid, ()))
+                if not ops:
+                    self._pending.pop(call_sid, None)
+                    continue
+                try:
+                    await self._bounded(functools.partial(self._write_call, call_sid=call_sid, ops=ops))
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise  # the database, not this record: retry the whole pass
+                    await self._write_refused(call_sid, ops, exc)
+                self._done(call_sid, ops)
+            if not self._healthy:
+                assert self._down_since is not None
+                log.warning(
+                    "store: database back after %.1f s; queued call records written",
+                    time.monotonic() - self._down_since,
+                )
+                self._healthy, self._down_since = True, None
 
-    def _start_retry(self) -> None:
-        self._retry_handle = None
-        self._retry_task = asyncio.ensure_future(self._retry())
+    def _done(self, call_sid: str, ops: list[Op]) -> None:
+        left = self._pending.get(call_sid, [])
+        written_ids = {id(op) for op in ops}
+        rest = [op for op in left if id(op) not in written_ids]
+        self._spooled -= written_ids
+        if rest:
+            self._pending[call_sid] = rest
+        else:
+            self._pending.pop(call_sid, None)
 
-    async def _retry(self) -> None:
-        try:
-            await self._flush()
-            log.info("store: pending call records written")
-        except SQLAlchemyError as exc:
-            log.warning("store: retry failed (%r); %d records still pending", exc, len(self._pending))
-            self._retry_task = None
-            self._schedule_retry()
-
-    def _spool(self, exc: BaseException) -> None:
-        """Last resort at close: the records go to a file the next start writes back."""
-        try:
-            with open(self.spool_path, "a", encoding="utf-8") as spool:
-                for record in self._pending.values():
-                    spool.write(json.dumps(record.to_dict()) + "\n")
+    async def _write_failed(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        self.saves_failed += 1
+        if self._healthy:
+            self._healthy, self._down_since = False, time.monotonic()
             log.error(
-                "store: database unwritable at close (%r): %d call records spooled to %s",
-                exc,
+                "store: database unavailable (%s): %d calls' records queued, kept in %s, retrying",
+                _short(exc) if exc else "?",
                 len(self._pending),
                 self.spool_path,
             )
-            self._pending.clear()
-        except OSError as err:
-            log.critical("store: %d call records could not be saved anywhere: %r", len(self._pending), err)
+        self._spool_pending()
 
-    def _read_spool(self) -> list[str]:
-        # Once, at start, and small: no need to leave the event loop for it.
-        if not os.path.exists(self.spool_path):
-            return []
-        with open(self.spool_path, encoding="utf-8") as spool:
-            return [line for line in spool if line.strip()]
+    async def _bounded(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """`work` in one transaction, bounded by the store's timeout."""
+        async with asyncio.timeout(self.timeout), self.engine.begin() as conn:
+            return await work(conn)
 
-    async def _load_spool(self) -> None:
-        lines = self._read_spool()
-        if not lines:
+    async def _write_call(self, conn: AsyncConnection, call_sid: str, ops: list[Op]) -> None:
+        current = await self._read_row(conn, call_sid)
+        row = current
+        for op in ops:
+            row = apply_op(row, op)
+        if row is None or row == current:
             return
-        for line in lines:
-            try:
-                record = CallRecord.from_dict(json.loads(line))
-            except (ValueError, TypeError, KeyError) as exc:
-                log.error("store: unreadable spooled record skipped: %r", exc)
-                continue
-            if record.call_sid:
-                self._pending[record.call_sid] = record
-        await self._flush()
-        os.remove(self.spool_path)
-        log.info("store: %d spooled call records written from %s", len(lines), self.spool_path)
+        await self._put(conn, call_sid, row, exists=current is not None)
 
-    async def _transaction(self, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        """Run `work` in a transaction. Writers of one call (its own saves, status callbacks,
-        an outbound placeholder) all get-or-create its row and may race to insert it: the
-        loser of the race runs again, and then finds the row and updates it."""
-        for attempt in (1, 2):
-            try:
-                async with self._session() as session, session.begin():
-                    return await work(session)
-            except IntegrityError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+    @staticmethod
+    async def _read_row(conn: AsyncConnection, call_sid: str) -> dict[str, Any] | None:
+        result = await conn.execute(select(CALLS).where(CALLS.c.call_sid == call_sid))
+        found = result.mappings().first()
+        return dict(found) if found is not None else None
 
-    async def _write(self, records: list[CallRecord]) -> None:
-        await self._transaction(lambda session: self._write_rows(session, records))
+    @staticmethod
+    async def _put(conn: AsyncConnection, call_sid: str, row: dict[str, Any], exists: bool) -> None:
+        values = {k: v for k, v in row.items() if k != "call_sid"}
+        if exists:
+            await conn.execute(update(CALLS).where(CALLS.c.call_sid == call_sid).values(**values))
+            return
+        try:
+            async with conn.begin_nested():
+                await conn.execute(insert(CALLS).values(call_sid=call_sid, **values))
+        except IntegrityError:
+            # Another instance inserted this call's row first (its status callback, say).
+            await conn.execute(update(CALLS).where(CALLS.c.call_sid == call_sid).values(**values))
 
-    async def _write_rows(self, session: AsyncSession, records: list[CallRecord]) -> None:
-        for record in records:
-            row = await session.get(CallRow, record.call_sid)
+    async def _write_refused(self, call_sid: str, ops: list[Op], exc: BaseException) -> None:
+        """The database refused something in this call's row: write it field by field,
+        leaving out (and naming) what it refuses; failing that, quarantine the writes."""
+        refused: list[str] = []
+
+        async def core(conn: AsyncConnection) -> dict[str, Any] | None:
+            current = await self._read_row(conn, call_sid)
+            row = current
+            for op in ops:
+                row = apply_op(row, op)
             if row is None:
-                row = CallRow(call_sid=record.call_sid)
-                session.add(row)
-            for name in _COPIED_FIELDS:
-                setattr(row, name, getattr(record, name))
-            row.transcript = list(record.transcript)
-            row.timeline = list(record.timeline)
-            row.metrics = dict(record.metrics)
-            row.instance = self.instance
-            row.updated_at = datetime.now(UTC)
+                return None
+            base = {k: row.get(k) for k in CORE_COLUMNS}
+            base.update({k: (_EMPTY.get(k) if k in _EMPTY else None) for k in OPTIONAL_COLUMNS})
+            base["refused_fields"] = ",".join(OPTIONAL_COLUMNS)
+            await self._put(conn, call_sid, {"call_sid": call_sid, **base}, exists=current is not None)
+            return row
+
+        try:
+            row = await self._bounded(core)
+        except Exception as err:
+            self._quarantine(call_sid, ops, err)
+            return
+        if row is None:
+            return
+        for name in OPTIONAL_COLUMNS:
+            stmt = update(CALLS).where(CALLS.c.call_sid == call_sid).values({name: row.get(name)})
+            try:
+                await self._bounded(functools.partial(_execute, statement=stmt))
+            except Exception as err:
+                if is_transient(err):
+                    raise  # down again: this call's writes stay queued
+                refused.append(name)
+        where = CALLS.c.call_sid == call_sid
+        note = update(CALLS).where(where).values(refused_fields=",".join(refused) or None)
+        await self._bounded(functools.partial(_execute, statement=note))
+        log.error(
+            "store: the database refused %s of call %s (%s); the record is written without %s",
+            ", ".join(refused) or "the record as one write",
+            call_sid,
+            _short(exc),
+            "them" if refused else "nothing",
+        )
+
+    # -- spool and quarantine ---------------------------------------------------------
+
+    def _spool_pending(self) -> None:
+        """Append every queued operation not yet on disk to the spool (fsync'd)."""
+        new = [op for ops in self._pending.values() for op in ops if id(op) not in self._spooled]
+        if not new:
+            return
+        try:
+            _append_lines(self.spool_path, [json.dumps(op) for op in new])
+        except OSError as err:
+            log.critical(
+                "store: %d writes could not be spooled to %s (%r): they are only in memory",
+                len(new),
+                self.spool_path,
+                err,
+            )
+            return
+        self._spooled.update(id(op) for op in new)
+
+    def _remove_spool(self) -> None:
+        if self._spooled or not os.path.exists(self.spool_path):
+            return
+        try:
+            os.remove(self.spool_path)
+        except OSError as err:
+            log.error("store: spooled records written; %s could not be removed: %r", self.spool_path, err)
+
+    def _load_spool(self) -> None:
+        if not os.path.exists(self.spool_path):
+            return
+        loaded = 0
+        with open(self.spool_path, encoding="utf-8", errors="surrogateescape") as spool:
+            for number, line in enumerate(spool, 1):
+                if not line.strip():
+                    continue
+                try:
+                    op = json.loads(line)
+                    if not isinstance(op, dict) or not isinstance(op.get("call_sid"), str):
+                        raise ValueError("not a spooled write")
+                    apply_op(None, op)  # checks it can be applied at all
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    self._quarantine_line(line, f"{self.spool_path}:{number}: {_short(exc)}")
+                    continue
+                self._pending.setdefault(op["call_sid"], []).append(op)
+                self._spooled.add(id(op))
+                loaded += 1
+        if loaded:
+            log.warning(
+                "store: %d writes of %d calls taken back from %s; writing them now",
+                loaded,
+                len(self._pending),
+                self.spool_path,
+            )
+            self._idle.clear()
+
+    def _quarantine(self, call_sid: str, ops: list[Op], exc: BaseException) -> None:
+        lines = "".join(json.dumps(op) + "\n" for op in ops)
+        self._quarantine_line(lines, f"call {call_sid}: the database refused it ({_short(exc)})")
+
+    def _quarantine_line(self, lines: str, why: str) -> None:
+        self.quarantined += 1
+        try:
+            _append_lines(self.quarantine_path, [line for line in lines.splitlines() if line.strip()])
+            log.error("store: %s; moved to %s", why, self.quarantine_path)
+        except OSError as err:
+            log.critical("store: %s; and it could not be kept in %s (%r)", why, self.quarantine_path, err)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def _read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        try:
+            async with asyncio.timeout(self.timeout), self.engine.connect() as conn:
+                return await work(conn)
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"the call records database is unavailable: {_short(exc, 200)}") from None
 
     async def get(self, call_sid: str) -> dict[str, Any] | None:
-        async with self._session() as session:
-            row = await session.get(CallRow, call_sid)
-            return row.to_dict() if row else None
+        """One record, with this process's writes not yet in the database applied."""
+        ops = list(self._pending.get(call_sid, ()))
+        try:
+            row = await self._read(lambda conn: self._read_row(conn, call_sid))
+        except StoreUnavailable:
+            if not ops:
+                raise
+            row = None
+        for op in ops:
+            row = apply_op(row, op)
+        return row_to_dict(row) if row is not None else None
 
     async def list_calls(
         self,
@@ -298,96 +762,139 @@ class CallStore:
         limit: int = 50,
         offset: int = 0,
     ) -> Page:
-        query = select(CallRow)
+        query = select(CALLS)
         if status:
-            query = query.where(CallRow.status == status)
+            query = query.where(CALLS.c.status == status)
         if end_reason:
-            query = query.where(CallRow.end_reason == end_reason)
+            query = query.where(CALLS.c.end_reason == end_reason)
         if since:
-            query = query.where(CallRow.started_at >= since)
-        query = query.order_by(CallRow.started_at.desc(), CallRow.call_sid).offset(offset).limit(limit + 1)
-        async with self._session() as session:
-            rows = list((await session.scalars(query)).all())
+            query = query.where(CALLS.c.started_at >= since)
+        query = query.order_by(CALLS.c.started_at.desc(), CALLS.c.call_sid).offset(offset).limit(limit + 1)
+
+        async def work(conn: AsyncConnection) -> list[dict[str, Any]]:
+            return [dict(r) for r in (await conn.execute(query)).mappings().all()]
+
+        rows = await self._read(work)
         more = len(rows) > limit
-        return Page([r.to_dict() for r in rows[:limit]], offset + limit if more else None)
+        return Page([row_to_dict(r) for r in rows[:limit]], offset + limit if more else None)
 
     async def count_by_end_reason(self) -> dict[str, int]:
-        query = select(CallRow.end_reason, func.count()).group_by(CallRow.end_reason)
-        async with self._session() as session:
-            return {str(reason): int(n) for reason, n in (await session.execute(query)).all()}
+        query = select(CALLS.c.end_reason, func.count()).group_by(CALLS.c.end_reason)
 
-    async def set_twilio_status(
-        self, call_sid: str, twilio_status: str, details: dict[str, Any], form: dict[str, str] | None = None
-    ) -> None:
-        """Store a status callback. It may come before any record of the call (an outbound
-        call's `initiated`): then it starts the record from what the callback says."""
-        form = form or {}
+        async def work(conn: AsyncConnection) -> dict[str, int]:
+            return {str(reason): int(n) for reason, n in (await conn.execute(query)).all()}
 
-        async def work(session: AsyncSession) -> None:
-            row = await session.get(CallRow, call_sid)
-            if row is None:
-                direction = "outbound" if form.get("Direction", "").startswith("outbound") else "inbound"
-                row = CallRow(
-                    call_sid=call_sid,
-                    direction=direction,
-                    from_number=form.get("From"),
-                    to_number=form.get("To"),
-                    status="active",
-                    started_at=datetime.now(UTC),
-                    transcript=[],
-                    timeline=[],
-                    metrics={},
-                    twilio_events=[],
-                    instance=self.instance,
-                )
-                session.add(row)
-            row.twilio_status = twilio_status
-            row.twilio_events = [*(row.twilio_events or []), {"status": twilio_status, **details}]
-            row.updated_at = datetime.now(UTC)
-
-        await self._transaction(work)
-
-    async def create_placeholder(self, call_sid: str, direction: str, from_: str, to: str) -> None:
-        """An outbound call created but not yet connected: visible in the API at once."""
-
-        async def work(session: AsyncSession) -> None:
-            if await session.get(CallRow, call_sid) is None:
-                session.add(
-                    CallRow(
-                        call_sid=call_sid,
-                        direction=direction,
-                        from_number=from_,
-                        to_number=to,
-                        status="active",
-                        started_at=datetime.now(UTC),
-                        transcript=[],
-                        timeline=[],
-                        metrics={},
-                        instance=self.instance,
-                    )
-                )
-
-        await self._transaction(work)
+        return await self._read(work)
 
     async def active_call_sids(self, instance: str | None = None) -> list[str]:
         """Calls recorded as live (by one instance, if given)."""
-        query = select(CallRow.call_sid).where(CallRow.status == "active")
+        query = select(CALLS.c.call_sid).where(CALLS.c.status == "active")
         if instance is not None:
-            query = query.where(CallRow.instance == instance)
-        async with self._session() as session:
-            return list((await session.scalars(query)).all())
+            query = query.where(CALLS.c.instance == instance)
 
-    async def close_record(self, call_sid: str, reason: str, detail: str, force: bool = False) -> None:
-        """End a record left open; `force` rewrites the reason and detail of an ended one."""
-        async with self._session() as session, session.begin():
-            row = await session.get(CallRow, call_sid)
-            if row is None or (row.status == "ended" and not force):
-                return
-            row.status = "ended"
-            row.end_reason = reason
-            row.end_detail = detail
-            row.ended_at = datetime.now(UTC)
-            if row.started_at is not None:
-                started = row.started_at if row.started_at.tzinfo else row.started_at.replace(tzinfo=UTC)
-                row.duration_s = round((row.ended_at - started).total_seconds(), 3)
-            row.updated_at = datetime.now(UTC)
+        async def work(conn: AsyncConnection) -> list[str]:
+            return [str(sid) for sid in (await conn.execute(query)).scalars().all()]
+
+        sids = await self._read(work)
+        # A close queued here but not yet written is as good as written.
+        return [s for s in sids if not any(op["op"] == "close" for op in self._pending.get(s, ()))]
+
+    # -- schema -----------------------------------------------------------------------------
+
+    async def _migrate(self) -> str:
+        if self.engine.dialect.name == "postgresql":
+            async with self.engine.connect() as conn:
+                await conn.execute(sql_text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
+                await conn.commit()
+                try:
+                    revision = await conn.run_sync(_upgrade_sync)
+                    await conn.commit()
+                finally:
+                    await conn.execute(sql_text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY})
+                    await conn.commit()
+                return revision
+        async with _file_lock(self.url):
+            async with self.engine.connect() as conn:
+                revision = await conn.run_sync(_upgrade_sync)
+                await conn.commit()
+                return revision
+
+
+def _upgrade_sync(conn: Connection) -> str:
+    from alembic import command
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+
+    config = Config()
+    config.set_main_option("script_location", MIGRATIONS)
+    config.attributes["connection"] = conn
+    current = MigrationContext.configure(conn).get_current_revision()
+    if current is None and sa_inspect(conn).has_table("calls"):
+        # Made by a release before migrations: its schema is revision 0001.
+        command.stamp(config, "0001")
+        log.warning("store: existing calls table (no schema version) taken as revision 0001; upgrading")
+    command.upgrade(config, "head")
+    revision = MigrationContext.configure(conn).get_current_revision()
+    return revision or "base"
+
+
+@contextlib.asynccontextmanager
+async def _file_lock(url: str) -> Any:
+    """Serialize migrations of one SQLite file between processes (`--workers N`)."""
+    path = url.split(":///", 1)[1] if ":///" in url else ""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        yield
+        return
+    lock_path = os.path.join(os.getcwd(), path) + ".migrate-lock"
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
+
+
+async def _execute(conn: AsyncConnection, statement: Any) -> Any:
+    return await conn.execute(statement)
+
+
+def _append_lines(path: str, lines: list[str]) -> None:
+    new_file = not os.path.exists(path)
+    with open(path, "a", encoding="utf-8", errors="surrogateescape") as f:
+        for line in lines:
+            f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    if new_file:  # the file's name must survive a crash too
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+async def upgrade_database(url: str) -> str:
+    """Apply the schema migrations (for `callbridge db upgrade`); returns the revision."""
+    store = CallStore(url)
+    try:
+        try:
+            return await asyncio.wait_for(store._migrate(), store.timeout * 6)
+        except Exception as exc:
+            raise _start_error(exc, url) from None
+    finally:
+        await store._dispose(store.timeout)
+
+
+def iter_spool(path: str) -> Iterator[Op]:
+    """The writes a spool file holds (for tools and tests)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as spool:
+        for line in spool:
+            if line.strip():
+                yield json.loads(line)
