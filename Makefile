@@ -13,10 +13,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The whole suite on SQLite, then the tests marked `database` again on a real PostgreSQL server
+# that the tests start themselves (tests/pgserver.py; binaries from scripts/ensure-postgres.sh).
 test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
+	scripts/ensure-postgres.sh
 	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m database --db=postgresql
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

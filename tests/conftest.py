@@ -7,6 +7,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from callbridge.bridge import Bridge
 from callbridge.call import CallHooks, CallOptions, CallRecord, Tool
 from callbridge.emulators.twilio import TwilioEmulator
 from callbridge.telephony.twilio.control import RetryPolicy, TwilioCallControl
+from tests.pgserver import BINARY_GLOB, ENSURE_SCRIPT, PostgresServer, find_bindir
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "test-auth-token"
@@ -119,3 +121,98 @@ def make_bridge(
 async def twilio() -> AsyncIterator[TwilioEmulator]:
     async with TwilioEmulator(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN) as tw:
         yield tw
+
+
+# -- database backends --------------------------------------------------------------------
+#
+# Tests marked `database` take the `db_url` fixture: a SQLite file in tmp_path, or a fresh
+# database of a real PostgreSQL server, by `--db=sqlite|postgresql` (or CALLBRIDGE_TEST_DB).
+# Tests that need PostgreSQL itself take `pg_url` / `pg_server` (tests/pgserver.py).
+
+DB_BACKENDS = ("sqlite", "postgresql")
+_PG_SERVER = pytest.StashKey[PostgresServer]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--db",
+        choices=DB_BACKENDS,
+        default=None,
+        help="database backend of the tests marked `database` (default: $CALLBRIDGE_TEST_DB or sqlite)",
+    )
+
+
+def db_backend(config: pytest.Config) -> str:
+    chosen: str | None = config.getoption("--db")
+    if chosen is None:
+        chosen = os.environ.get("CALLBRIDGE_TEST_DB", "").strip().lower() or "sqlite"
+    if chosen not in DB_BACKENDS:
+        raise pytest.UsageError(f"CALLBRIDGE_TEST_DB={chosen!r}: expected one of {', '.join(DB_BACKENDS)}")
+    return chosen
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "database: runs against each database backend (--db=sqlite|postgresql, takes db_url)"
+    )
+    db_backend(config)  # a bad CALLBRIDGE_TEST_DB stops the run before any test
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"database backend (tests marked `database`): {db_backend(config)}"
+
+
+def _postgres_required() -> bool:
+    return any(
+        os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+        for name in ("CI", "CALLBRIDGE_REQUIRE_POSTGRES")
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the whole session (stopped and removed at the end)."""
+    bindir = find_bindir()
+    if bindir is None:
+        msg = (
+            f"PostgreSQL server binaries not found ({BINARY_GLOB}): run {ENSURE_SCRIPT} "
+            "(as root it installs the Debian package `postgresql`)"
+        )
+        if _postgres_required():
+            pytest.fail(
+                msg + " [CI / CALLBRIDGE_REQUIRE_POSTGRES is set: PostgreSQL is required]", pytrace=False
+            )
+        pytest.skip(msg)
+    server = PostgresServer.create(bindir)
+    request.config.stash[_PG_SERVER] = server
+    try:
+        yield server
+    finally:
+        del request.config.stash[_PG_SERVER]
+        server.close()
+
+
+@pytest.fixture(autouse=True)
+def pg_server_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test may stop, kill or pause the session's server: the next one finds it running."""
+    yield
+    server = request.config.stash.get(_PG_SERVER, None)
+    if server is not None:
+        server.ensure_running()
+
+
+@pytest.fixture
+def pg_url(pg_server: PostgresServer) -> Iterator[str]:
+    """URL (postgresql+asyncpg) of a fresh, empty database of the session's server."""
+    url = pg_server.create_database()
+    yield url
+    pg_server.drop_database(url)
+
+
+@pytest.fixture
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database of the backend chosen for the run (see `--db`)."""
+    if db_backend(request.config) == "postgresql":
+        url: str = request.getfixturevalue("pg_url")
+        return url
+    return f"sqlite+aiosqlite:///{tmp_path}/calls.db"
