@@ -17,7 +17,14 @@ What it does:
 * :class:`MediaStreamCaller`, Twilio as the WebSocket client of a bidirectional stream: it sends
   ``connected``/``start``/real-time paced ``media``, plays the server's audio at 8000 bytes/s,
   echoes ``mark`` when the audio before it has played, honours ``clear``, and ends the stream the
-  way Twilio does (``stop`` then close) when the call ends.
+  way Twilio does (``stop`` then close) when the call ends;
+* a media stream that never connects (``stream_upgrade_fault``): the WebSocket upgrade goes
+  through a loopback "proxy" that drops it (``"drop"``: the connection is closed as soon as
+  the upgrade request arrives) or never answers it (``"hang"``: held open until Twilio's
+  ``stream_open_timeout``, or until the call ends).  The application never sees the stream.
+  Twilio then goes on with the TwiML after ``<Connect>`` ("Twilio executes the remaining TwiML
+  instructions only after your server closes the WebSocket connection"); with none left, the
+  call completes.  How long real Twilio waits for an unanswered upgrade is not in the specs.
 
 All times recorded for assertions are the event loop's clock (``loop.time()``).
 """
@@ -240,8 +247,12 @@ class MediaStreamCaller:
         close_timeout: float = 2.0,
         record_media: bool = True,
         frame_interval: float = FRAME_SECONDS,
+        connect_to: tuple[str, int] | None = None,
     ) -> None:
         self.url = url
+        # Where the TCP connection really goes (a proxy in front of the application), if not
+        # to the URL's host and port; the upgrade request still names the URL.
+        self.connect_to = connect_to
         self.account_sid = account_sid
         self.call_sid = call_sid or new_sid("CA")
         self.stream_sid = new_sid("MZ")
@@ -328,8 +339,13 @@ class MediaStreamCaller:
             raise RuntimeError("a MediaStreamCaller connects once")
         loop = asyncio.get_running_loop()
         headers = {"x-twilio-signature": self.signature} if self.signature is not None else {}
+        route: dict[str, Any] = {}
+        if self.connect_to is not None:
+            route = {"host": self.connect_to[0], "port": self.connect_to[1]}
         try:
             _require_loopback_url(self.url)
+            if self.connect_to is not None and not _is_loopback_host(self.connect_to[0]):
+                raise ValueError(f"the Twilio emulator only talks to loopback, not {self.connect_to}")
             self._ws = await connect(
                 self.url,
                 additional_headers=headers,
@@ -340,6 +356,7 @@ class MediaStreamCaller:
                 compression=None,
                 max_size=None,
                 proxy=None,
+                **route,
             )
         except (OSError, WebSocketException, TimeoutError, ValueError) as exc:
             self.connect_error = f"{type(exc).__name__}: {exc}"
@@ -807,6 +824,7 @@ class EmulatedCall:
         self.caller_audio = b""
         self.history: list[tuple[float, str]] = [(asyncio.get_running_loop().time(), status)]
         self.stream_connected = asyncio.Event()
+        self.stream_upgrade_fault: str | None = None  # set when its stream was sent through one
 
         self._status_waiters: list[asyncio.Future[None]] = []
         self._callback_seq = 0
@@ -976,6 +994,7 @@ class TwilioEmulator:
         stream_close_timeout: float = 2.0,
         record_media: bool = True,
         media_frame_interval: float = FRAME_SECONDS,
+        stream_upgrade_fault: str | None = None,
     ) -> None:
         if not _is_loopback_host(host):
             raise ValueError(f"the Twilio emulator only listens on loopback addresses, not {host!r}")
@@ -1002,6 +1021,8 @@ class TwilioEmulator:
         self.stream_close_timeout = stream_close_timeout
         self.record_media = record_media
         self.media_frame_interval = media_frame_interval
+        # None, or how the streams of calls run from now on fail to connect: "drop" | "hang".
+        self.stream_upgrade_fault = stream_upgrade_fault
 
         self.calls: dict[str, EmulatedCall] = {}
         self.requests: list[RecordedRequest] = []
@@ -1016,6 +1037,8 @@ class TwilioEmulator:
         self._server_task: asyncio.Task[None] | None = None
         self._http: httpx.AsyncClient | None = None
         self._base_url: str | None = None
+        self._blackholes: dict[str, asyncio.Server] = {}
+        self._blackhole_conns: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
     # ---- lifecycle
 
@@ -1090,6 +1113,7 @@ class TwilioEmulator:
             await asyncio.wait(pending, timeout=2.0)
         for task in list(self._tasks):
             await _cancel_and_wait(task)
+        await self._close_blackholes()
         self._server.should_exit = True
         self._server.exit_requested.set()
         if self._server_task is not None:
@@ -1595,7 +1619,9 @@ class TwilioEmulator:
             close_timeout=self.stream_close_timeout,
             record_media=self.record_media,
             frame_interval=self.media_frame_interval,
+            connect_to=await self._blackhole(self.stream_upgrade_fault),
         )
+        call.stream_upgrade_fault = self.stream_upgrade_fault
         caller.on_hangup = lambda _: self._finish_call(call, "completed", "caller_hangup")
         call.streams.append(caller)
         call.stream = caller
@@ -1603,6 +1629,57 @@ class TwilioEmulator:
             call.stream_connected.set()
         call._settled.set()
         return caller
+
+    # ---- a stream that never connects
+
+    async def _blackhole(self, fault: str | None) -> tuple[str, int] | None:
+        """The address of the loopback "proxy" that fails upgrades the ``fault`` way (started once)."""
+        if fault is None:
+            return None
+        if fault not in ("drop", "hang"):
+            raise ValueError(f"stream_upgrade_fault must be None, 'drop' or 'hang', not {fault!r}")
+        server = self._blackholes.get(fault)
+        if server is None:
+
+            async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await self._blackhole_connection(fault, reader, writer)
+
+            server = await asyncio.start_server(handle, self.host, 0)
+            self._blackholes[fault] = server
+        host, port = server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def _blackhole_connection(
+        self, fault: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._blackhole_conns[task] = writer
+        try:
+            # The upgrade request arrives (its head ends with an empty line)...
+            with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+                await reader.readuntil(b"\r\n\r\n")
+                if fault == "hang":
+                    # ... and is never answered: held until the client gives up or goes away.
+                    while await reader.read(4096):
+                        pass
+            # "drop": closed at once, no answer at all.
+        finally:
+            del self._blackhole_conns[task]
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _close_blackholes(self) -> None:
+        servers, self._blackholes = list(self._blackholes.values()), {}
+        for server in servers:
+            server.close()
+        for writer in list(self._blackhole_conns.values()):
+            writer.close()
+        if self._blackhole_conns:
+            await asyncio.wait(set(self._blackhole_conns), timeout=2.0)
+        for server in servers:
+            await server.wait_closed()
 
     # ---- calls started by the test
 
