@@ -92,6 +92,8 @@ class EndReason(StrEnum):
     HANGUP_REQUESTED = "hangup_requested"
     SHUTDOWN = "shutdown"
     TELEPHONY_ERROR = "telephony_error"
+    # The call was answered with stream TwiML but its media stream never connected.
+    NO_MEDIA_STREAM = "no_media_stream"
 
 
 class CallState(StrEnum):

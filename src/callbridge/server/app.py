@@ -40,6 +40,7 @@ from callbridge.call import CallHooks, EndReason, Tool
 from callbridge.config import Settings
 from callbridge.logs import log_event
 from callbridge.recovery import reconcile
+from callbridge.server.streamwatch import ExpectedCall, StreamWatch
 from callbridge.store import CallStore
 from callbridge.telephony.base import CallControl, CallControlError, StreamInfo
 from callbridge.telephony.twilio.control import TwilioCallControl
@@ -113,6 +114,7 @@ class AppState:
     outbound_refs: dict[str, str] = field(default_factory=dict)
     pending_streams: OrderedDict[str, float] = field(default_factory=OrderedDict)
     rejected_signatures: dict[str, int] = field(default_factory=dict)
+    streamwatch: StreamWatch | None = None  # closes calls whose stream never connects
 
     # -- per-call stream token ------------------------------------------------
 
@@ -138,6 +140,8 @@ class AppState:
             return "stream token already used"
         self._remember(self.used_refs, ref)
         self.pending_streams.pop(info.call_sid, None)
+        if self.streamwatch is not None:
+            self.streamwatch.connected(info.call_sid)
         return None
 
     @staticmethod
@@ -326,6 +330,15 @@ def create_app(
         ).digest(),
     )
     bridge.stream_validator = state.check_stream
+
+    async def settled(call_sid: str) -> bool:
+        # A stream taken by another worker or instance has written its record (with its stream SID).
+        record = await store.get(call_sid)
+        return record is not None and (bool(record.get("stream_sid")) or record.get("status") == "ended")
+
+    watch = state.streamwatch = StreamWatch(
+        control, store, settings.stream_connect_timeout, settled, counts=bridge.stats.calls_ended
+    )
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_BridgeCollector(state))
 
@@ -352,6 +365,7 @@ def create_app(
             "cb_token": state.stream_token(call_sid),
         }
         state._remember(state.pending_streams, call_sid, keep_s=30)
+        watch.expect(call_sid, ExpectedCall(direction, form.get("From", ""), form.get("To", "")))
         log_event(log, "twilio.webhook", call_sid=call_sid, direction=direction)
         return Response(connect_twiml(settings.stream_url(), params), media_type="application/xml")
 
@@ -380,6 +394,8 @@ def create_app(
             call = bridge.find(call_sid)
             if call is not None:
                 call.carrier_ended(f"status callback: {status}")
+            elif await watch.carrier_ended(call_sid, status):
+                pass  # answered here but its stream never connected: closed `no_media_stream`
             elif status != "completed":
                 # An outbound call that never connected its stream: close its placeholder.
                 await store.close_record(call_sid, EndReason.TELEPHONY_ERROR.value, f"call {status}")
@@ -461,6 +477,7 @@ def create_app(
             return error(502, str(exc))
         state.outbound_refs[ref] = out.call_sid
         state._remember(state.pending_streams, out.call_sid, keep_s=60)
+        watch.expect(out.call_sid, ExpectedCall("outbound", data["from"], data["to"]))
         await store.create_placeholder(out.call_sid, "outbound", data["from"], data["to"])
         log_event(log, "call.outbound_created", call_sid=out.call_sid, to=data["to"])
         record = await store.get(out.call_sid)
@@ -535,6 +552,7 @@ def create_app(
             yield
         finally:
             recovery.cancel()
+            await watch.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await recovery
             await bridge.shutdown(0)
