@@ -15,8 +15,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 from callbridge.call import CallOptions
 
-__all__ = ["ConfigError", "Settings", "async_database_url", "redact_url"]
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "absolute_sqlite_url",
+    "async_database_url",
+    "redact_url",
+    "sqlite_path",
+]
 
+# A relative SQLite path (this one included) is resolved against the working directory
+# once, when the settings are read, and shown absolute in every message and log line.
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///callbridge.db"
 SECRET_FIELDS = frozenset({"twilio_auth_token", "elevenlabs_api_key", "api_token"})
 
@@ -53,6 +62,30 @@ def async_database_url(url: str) -> str:
     return url
 
 
+def sqlite_path(url: str) -> str | None:
+    """The absolute path of the file a SQLite URL names; None for another database,
+    an in-memory one or a `file:` URI."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+", 1)[0] != "sqlite" or not rest.startswith("/"):
+        return None
+    database = rest[1:].split("?", 1)[0]
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return os.path.abspath(database)
+
+
+def absolute_sqlite_url(url: str) -> str:
+    """A SQLite URL with a relative path made absolute (against the working directory now)."""
+    path = sqlite_path(url)
+    if path is None:
+        return url
+    scheme, _, rest = url.partition("://")
+    database, sep, query = rest[1:].partition("?")
+    if database == path:
+        return url
+    return f"{scheme}:///{path}{sep}{query}"
+
+
 # env var -> (field, kind, required_for)
 _VARS: dict[str, tuple[str, str]] = {
     "TWILIO_ACCOUNT_SID": ("twilio_account_sid", "str"),
@@ -73,7 +106,6 @@ _VARS: dict[str, tuple[str, str]] = {
     "CALLBRIDGE_AGENT_IDLE_TIMEOUT_SECONDS": ("agent_idle_timeout", "pos_float"),
     "CALLBRIDGE_HOOK_TIMEOUT_SECONDS": ("hook_timeout", "pos_float"),
     "CALLBRIDGE_TOOL_TIMEOUT_SECONDS": ("tool_timeout", "pos_float"),
-    "CALLBRIDGE_STREAM_CONNECT_TIMEOUT_SECONDS": ("stream_connect_timeout", "pos_float"),
     "CALLBRIDGE_INSTANCE_ID": ("instance_id", "str"),
     "CALLBRIDGE_FALLBACK_TWIML": ("fallback_twiml", "twiml"),
 }
@@ -101,9 +133,6 @@ class Settings:
     agent_idle_timeout: float = 60.0
     hook_timeout: float = 10.0
     tool_timeout: float = 20.0
-    # A call answered with stream TwiML whose stream has not connected by then is checked
-    # with Twilio, hung up and closed `no_media_stream`.
-    stream_connect_timeout: float = 15.0
     fallback_twiml: str | None = None
     # Names this process in the records, so that a restart reconciles only its own calls.
     instance_id: str = field(default_factory=socket.gethostname)
@@ -163,8 +192,9 @@ class Settings:
                 problems.append("CALLBRIDGE_PUBLIC_URL must be an https:// URL that Twilio can reach")
         if problems:
             raise ConfigError(problems)
-        if "database_url" in values:
-            values["database_url"] = async_database_url(values["database_url"])
+        values["database_url"] = absolute_sqlite_url(
+            async_database_url(values.get("database_url") or DEFAULT_DATABASE_URL)
+        )
         return cls(**values)
 
     def call_options(self) -> CallOptions:
