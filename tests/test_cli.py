@@ -9,9 +9,9 @@ import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
 import httpx
+import pytest
 
 from callbridge.call import CallRecord
 from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, Say
@@ -56,14 +56,16 @@ def test_serve_without_settings_says_what_is_missing_in_one_line() -> None:
 
 
 def test_help_for_each_command() -> None:
-    for cmd in ([], ["serve"], ["call"], ["calls"], ["calls", "list"], ["calls", "show"], ["demo"]):
+    calls = (["calls"], ["calls", "list"], ["calls", "show"])
+    for cmd in ([], ["serve"], ["call"], *calls, ["db"], ["db", "upgrade"], ["demo"]):
         result = run_cli(*cmd, "--help")
         assert result.returncode == 0, cmd
         assert "usage: callbridge" in result.stdout
 
 
-async def test_calls_list_and_show_read_the_database(tmp_path: Path) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'calls.db'}"
+@pytest.mark.database
+async def test_calls_list_and_show_read_the_database(db_url: str) -> None:
+    url = db_url
     store = CallStore(url)
     await store.init()
     started = datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
@@ -98,14 +100,14 @@ async def test_calls_list_and_show_read_the_database(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "no call" in missing.stderr
 
 
-async def test_serve_process_drains_on_sigterm(twilio: TwilioEmulator, tmp_path: Path) -> None:
+@pytest.mark.database
+async def test_serve_process_drains_on_sigterm(twilio: TwilioEmulator, db_url: str) -> None:
     """A real `callbridge serve` process, a live call, a real SIGTERM: the call is ended
     with `shutdown` after the grace period, both legs are hung up, the record is saved."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    db = tmp_path / "calls.db"
     script = AgentScript(steps=[Say("I will keep talking.", seconds=60.0)], realtime_factor=1.0)
     async with AgentEmulator(script) as agent:
         env = clean_env() | {
@@ -115,7 +117,7 @@ async def test_serve_process_drains_on_sigterm(twilio: TwilioEmulator, tmp_path:
             "ELEVENLABS_AGENT_ID": "agent_proc",
             "ELEVENLABS_API_BASE_URL": agent.base_url,
             "CALLBRIDGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
-            "CALLBRIDGE_DATABASE_URL": f"sqlite:///{db}",
+            "CALLBRIDGE_DATABASE_URL": db_url,
             "CALLBRIDGE_API_TOKEN": "proc-token",
             "CALLBRIDGE_SHUTDOWN_GRACE_SECONDS": "1",
         }
@@ -158,7 +160,7 @@ async def test_serve_process_drains_on_sigterm(twilio: TwilioEmulator, tmp_path:
     assert "test-auth-token" not in log and twilio.auth_token not in log
     assert call.status == "completed" and call.end_cause == "rest_completed"
     assert conv.closed_by == "client"
-    store = CallStore(f"sqlite+aiosqlite:///{db}")
+    store = CallStore(db_url)
     try:
         record = await store.get(call.sid)
     finally:

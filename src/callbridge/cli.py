@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -11,10 +12,15 @@ import socket
 import sys
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from callbridge.config import ConfigError, Settings, redact_url
-from callbridge.logs import JsonFormatter
+from callbridge import __version__
+from callbridge.config import ConfigError, Settings, sqlite_path
+from callbridge.dberrors import DatabaseError, describe_database, explain
+from callbridge.logs import JsonFormatter, log_event
+
+if TYPE_CHECKING:
+    from callbridge.store import CallStore
 
 __all__ = ["main"]
 
@@ -50,6 +56,72 @@ def _settings(args: argparse.Namespace, require: tuple[str, ...]) -> Settings:
         return Settings.from_env(overrides=overrides, require=require)
     except ConfigError as exc:
         raise CliError("configuration: " + "; ".join(exc.problems)) from None
+
+
+# -- the database -----------------------------------------------------------------
+
+
+def _database_problem(exc: BaseException, url: str) -> CliError:
+    """The store's one line (`DatabaseError`), or one made from whatever else it raised."""
+    if isinstance(exc, DatabaseError):
+        return CliError(exc.message)
+    return CliError(explain(exc, url))
+
+
+def _require_existing(url: str, args: argparse.Namespace) -> None:
+    """Reading commands never create a database: a SQLite file must already be there."""
+    path = sqlite_path(url)
+    if path is None or os.path.exists(path):
+        return
+    given = getattr(args, "database_url", None) or os.environ.get("CALLBRIDGE_DATABASE_URL", "").strip()
+    if not given:
+        where = f" (the default: callbridge.db in the working directory, {os.getcwd()})"
+    elif sqlite_path(given) is not None and given.partition(":///")[2][:1] != "/":
+        where = f" (a relative path: resolved against the working directory, {os.getcwd()})"
+    else:
+        where = ""
+    raise CliError(
+        f"no call records at {path}{where}: set CALLBRIDGE_DATABASE_URL or --database-url "
+        "to the database `callbridge serve` writes to"
+    )
+
+
+async def _open_store(url: str, *, instance: str | None = None, spool_path: str | None = None) -> CallStore:
+    """A store whose `init()` has run, or a CliError with one line saying why not."""
+    from callbridge.store import CallStore
+
+    try:
+        store = CallStore(url, instance=instance, spool_path=spool_path)
+    except Exception as exc:  # e.g. the engine cannot be made: a missing driver, a bad URL
+        raise _database_problem(exc, url) from None
+    try:
+        await store.init()
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await store.close()
+        raise _database_problem(exc, url) from None
+    return store
+
+
+def _preflight(settings: Settings) -> None:
+    """Open the database, set it up, close it: before uvicorn starts, so that a database
+    that cannot be opened is one line and exit status 2, not a traceback from the lifespan."""
+    from callbridge.server.app import spool_path_for
+
+    async def check() -> None:
+        store = await _open_store(
+            settings.database_url,
+            instance=settings.instance_id,
+            spool_path=spool_path_for(settings.database_url),
+        )
+        await store.close()
+
+    asyncio.run(check())
+    log_event(
+        logging.getLogger("callbridge.server"),
+        "server.database",
+        database=describe_database(settings.database_url),
+    )
 
 
 # -- serve ------------------------------------------------------------------------
@@ -91,6 +163,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("callbridge").warning(
             "CALLBRIDGE_API_TOKEN is not set: the /calls API answers 503 until it is"
         )
+    _preflight(settings)  # once, in this process, also when there are workers
     if args.workers <= 1:
         _run_server(settings, args.host, args.port)
         return 0
@@ -195,23 +268,33 @@ def _short_time(iso: str | None) -> str:
     return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S")
 
 
-async def _calls(args: argparse.Namespace) -> int:
-    from callbridge.store import CallStore
-
-    settings = _settings(args, ())
-    store = CallStore(settings.database_url)
+def _parse_since(text: str | None) -> datetime | None:
+    if text is None:
+        return None
     try:
-        await store.init()
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(
+            f"--since takes an ISO 8601 date or time, e.g. 2026-11-25 or 2026-11-25T09:30:00+00:00; "
+            f"got {text!r}"
+        ) from None
+
+
+async def _calls(args: argparse.Namespace) -> int:
+    settings = _settings(args, ())
+    since = _parse_since(getattr(args, "since", None))
+    _require_existing(settings.database_url, args)
+    store = await _open_store(settings.database_url)
+    try:
         if args.calls_cmd == "show":
             record = await store.get(args.call_sid)
             if record is None:
-                raise CliError(f"no call {args.call_sid} in {redact_url(settings.database_url)}")
+                raise CliError(f"no call {args.call_sid} in {describe_database(settings.database_url)}")
             if args.json:
                 print(json.dumps(record, indent=2))
                 return 0
             print(_render_record(record))
             return 0
-        since = datetime.fromisoformat(args.since) if args.since else None
         page = await store.list_calls(
             status=args.status, end_reason=args.end_reason, since=since, limit=args.limit
         )
@@ -261,6 +344,26 @@ def cmd_calls(args: argparse.Namespace) -> int:
     return asyncio.run(_calls(args))
 
 
+# -- db upgrade ---------------------------------------------------------------------
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    settings = _settings(args, ())
+    url = settings.database_url
+    try:
+        from callbridge.store import upgrade_database
+    except ImportError:
+        raise CliError(
+            "this callbridge has no schema migrations to apply (no store.upgrade_database)"
+        ) from None
+    try:
+        revision = asyncio.run(upgrade_database(url))
+    except Exception as exc:
+        raise _database_problem(exc, url) from None
+    print(f"{describe_database(url)}: schema at revision {revision}")
+    return 0
+
+
 # -- demo -------------------------------------------------------------------------
 
 
@@ -280,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="callbridge",
         description="Bridge Twilio phone calls to a voice AI agent, and never leave a call dangling.",
     )
+    parser.add_argument("--version", action="version", version=f"callbridge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server a Twilio number points at")
@@ -321,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--database-url")
     calls.set_defaults(func=cmd_calls)
 
+    db = sub.add_parser("db", help="the call-records database")
+    db_sub = db.add_subparsers(dest="db_cmd", required=True)
+    upgrade = db_sub.add_parser(
+        "upgrade", help="apply the schema migrations now (serve also applies them at start)"
+    )
+    upgrade.add_argument("--database-url", help="SQLAlchemy URL of the records (CALLBRIDGE_DATABASE_URL)")
+    upgrade.set_defaults(func=cmd_db)
+
     demo = sub.add_parser("demo", help="an offline end-to-end call on the built-in emulators")
     demo.add_argument("--verbose", action="store_true", help="show the bridge's log lines too")
     demo.set_defaults(func=cmd_demo)
@@ -332,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except CliError as exc:
+    except (CliError, DatabaseError) as exc:
         print(f"callbridge: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
