@@ -106,6 +106,7 @@ _VARS: dict[str, tuple[str, str]] = {
     "CALLBRIDGE_AGENT_IDLE_TIMEOUT_SECONDS": ("agent_idle_timeout", "pos_float"),
     "CALLBRIDGE_HOOK_TIMEOUT_SECONDS": ("hook_timeout", "pos_float"),
     "CALLBRIDGE_TOOL_TIMEOUT_SECONDS": ("tool_timeout", "pos_float"),
+    "CALLBRIDGE_STREAM_CONNECT_TIMEOUT_SECONDS": ("stream_connect_timeout", "pos_float"),
     "CALLBRIDGE_INSTANCE_ID": ("instance_id", "str"),
     "CALLBRIDGE_FALLBACK_TWIML": ("fallback_twiml", "twiml"),
 }
@@ -133,6 +134,9 @@ class Settings:
     agent_idle_timeout: float = 60.0
     hook_timeout: float = 10.0
     tool_timeout: float = 20.0
+    # A call answered with stream TwiML whose stream has not connected by then is checked
+    # with Twilio, hung up and closed `no_media_stream`.
+    stream_connect_timeout: float = 15.0
     fallback_twiml: str | None = None
     # Names this process in the records, so that a restart reconciles only its own calls.
     instance_id: str = field(default_factory=socket.gethostname)
