@@ -52,7 +52,9 @@ class RunningServer:
         return data
 
 
-def settings_for(twilio: TwilioEmulator, agent: AgentEmulator, db: Path, **overrides: Any) -> Settings:
+def settings_for(twilio: TwilioEmulator, agent: AgentEmulator, db: str | Path, **overrides: Any) -> Settings:
+    """Settings of a server wired to the emulators. `db` is a database URL (the `db_url` fixture:
+    SQLite or PostgreSQL by `--db`), or the path of a SQLite file."""
     base = Settings(
         twilio_account_sid=twilio.account_sid,
         twilio_auth_token=twilio.auth_token,
@@ -60,7 +62,7 @@ def settings_for(twilio: TwilioEmulator, agent: AgentEmulator, db: Path, **overr
         elevenlabs_agent_id="agent_test",
         elevenlabs_api_base_url=agent.base_url,
         public_url="http://127.0.0.1:1",  # replaced with the bound port
-        database_url=f"sqlite+aiosqlite:///{db}",
+        database_url=db if isinstance(db, str) and "://" in db else f"sqlite+aiosqlite:///{db}",
         api_token=API_TOKEN,
     )
     return replace(base, **overrides)

@@ -18,7 +18,6 @@ import base64
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -101,7 +100,7 @@ async def eventually(predicate: Callable[[], bool], timeout: float, what: str) -
 
 async def run_cell(
     twilio: TwilioEmulator,
-    tmp_path: Path,
+    db_url: str,
     script: AgentScript,
     expected: str,
     *,
@@ -127,7 +126,7 @@ async def run_cell(
             "hook_timeout": 0.5,
             "tool_timeout": 0.5,
         } | (settings_overrides or {})
-        settings = replace(settings_for(twilio, agent, tmp_path / "calls.db"), **overrides)
+        settings = replace(settings_for(twilio, agent, db_url), **overrides)
         async with running_server(settings, hooks=hooks, tools=tools, control=control) as srv:
             call = await twilio.place_inbound_call(f"{srv.url}/twilio/inbound", audio=caller_audio)
             if twilio_fault is not None:
@@ -219,11 +218,12 @@ AGENT_FAULTS: dict[str, tuple[list[Any], str]] = {
 }
 
 
+@pytest.mark.database
 @pytest.mark.parametrize("point", POINTS)
 @pytest.mark.parametrize("fault", sorted(AGENT_FAULTS))
-async def test_agent_fault(twilio: TwilioEmulator, tmp_path: Path, fault: str, point: str) -> None:
+async def test_agent_fault(twilio: TwilioEmulator, db_url: str, fault: str, point: str) -> None:
     steps, expected = AGENT_FAULTS[fault]
-    saved, call, _ = await run_cell(twilio, tmp_path, script_with(point, steps), expected)
+    saved, call, _ = await run_cell(twilio, db_url, script_with(point, steps), expected)
     metrics = saved["metrics"]
     if fault in ("garbage_frames", "audio_bad_base64"):
         assert metrics["agent_warnings"] >= 1
@@ -282,12 +282,13 @@ TWILIO_FAULTS: dict[str, tuple[Callable[[MediaStreamCaller], Awaitable[None]], s
 }
 
 
+@pytest.mark.database
 @pytest.mark.parametrize("point", POINTS)
 @pytest.mark.parametrize("fault", sorted(TWILIO_FAULTS))
-async def test_twilio_stream_fault(twilio: TwilioEmulator, tmp_path: Path, fault: str, point: str) -> None:
+async def test_twilio_stream_fault(twilio: TwilioEmulator, db_url: str, fault: str, point: str) -> None:
     inject, expected = TWILIO_FAULTS[fault]
     saved, _, _ = await run_cell(
-        twilio, tmp_path, script_with(point, []), expected, twilio_fault=inject, point=point
+        twilio, db_url, script_with(point, []), expected, twilio_fault=inject, point=point
     )
     if fault in ("duplicate_start", "unknown_marks"):
         assert saved["metrics"]["telephony_warnings"] >= 1
@@ -298,16 +299,15 @@ async def test_twilio_stream_fault(twilio: TwilioEmulator, tmp_path: Path, fault
         assert not any(e["event"] == "twilio.hangup" for e in saved["timeline"])
 
 
-async def test_media_before_start_is_logged_and_the_call_goes_on(
-    twilio: TwilioEmulator, tmp_path: Path
-) -> None:
+@pytest.mark.database
+async def test_media_before_start_is_logged_and_the_call_goes_on(twilio: TwilioEmulator, db_url: str) -> None:
     """Twilio never sends media before `start`; if it did, the frame is dropped with a log line."""
     from websockets.asyncio.client import connect
 
     from callbridge.emulators.twilio import twilio_signature
 
     async with AgentEmulator(NEXT_CALL) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             ws_url = srv.url.replace("http", "ws") + "/twilio/media-stream"
             sid = "CA" + "7" * 32
@@ -347,8 +347,9 @@ REST_FAULTS: dict[str, list[dict[str, Any]]] = {
 }
 
 
+@pytest.mark.database
 @pytest.mark.parametrize("fault", sorted(REST_FAULTS))
-async def test_rest_fault_at_hangup(twilio: TwilioEmulator, tmp_path: Path, fault: str) -> None:
+async def test_rest_fault_at_hangup(twilio: TwilioEmulator, db_url: str, fault: str) -> None:
     for spec in REST_FAULTS[fault]:
         twilio.inject_fault("update", **spec)
     base = None
@@ -357,7 +358,7 @@ async def test_rest_fault_at_hangup(twilio: TwilioEmulator, tmp_path: Path, faul
             base = closed.base_url  # a loopback port with nothing listening any more
     control = _fast_control(twilio, base)
     saved, call, _ = await run_cell(
-        twilio, tmp_path, script_with("goodbye", []), "agent_ended", control=control
+        twilio, db_url, script_with("goodbye", []), "agent_ended", control=control
     )
     updates = [r for r in twilio.requests if r.form.get("Status") == "completed" and call.sid in r.path]
     outcome = [e for e in saved["timeline"] if e["event"].startswith("twilio.hangup")]
@@ -385,19 +386,21 @@ async def _hangs(*_: Any) -> None:
     await asyncio.sleep(3600)
 
 
+@pytest.mark.database
 @pytest.mark.parametrize("hook", ["on_call_start", "on_agent_end_call", "on_call_end", "on_transcript"])
 @pytest.mark.parametrize("behaviour", ["raises", "hangs"])
-async def test_user_hook_fault(twilio: TwilioEmulator, tmp_path: Path, hook: str, behaviour: str) -> None:
+async def test_user_hook_fault(twilio: TwilioEmulator, db_url: str, hook: str, behaviour: str) -> None:
     if hook == "on_transcript" and behaviour == "hangs":
         pytest.skip("on_transcript hooks are sync: they cannot await")
     fn: Callable[..., Any] = _raises if behaviour == "raises" else _hangs
     hooks = CallHooks(**{hook: [fn]})
-    _, call, _ = await run_cell(twilio, tmp_path, script_with("goodbye", []), "agent_ended", hooks=hooks)
+    _, call, _ = await run_cell(twilio, db_url, script_with("goodbye", []), "agent_ended", hooks=hooks)
     assert call.end_cause == "rest_completed"
 
 
+@pytest.mark.database
 @pytest.mark.parametrize("behaviour", ["raises", "hangs"])
-async def test_client_tool_fault(twilio: TwilioEmulator, tmp_path: Path, behaviour: str) -> None:
+async def test_client_tool_fault(twilio: TwilioEmulator, db_url: str, behaviour: str) -> None:
     async def hanging_tool(params: dict[str, Any]) -> str:
         await asyncio.sleep(3600)
         return "never"
@@ -407,7 +410,7 @@ async def test_client_tool_fault(twilio: TwilioEmulator, tmp_path: Path, behavio
 
     tool = raising_tool if behaviour == "raises" else hanging_tool
     script = script_with("conversation", [ClientToolCall("check_calendar", {"day": "monday"}, timeout=30)])
-    saved, _, _ = await run_cell(twilio, tmp_path, script, "agent_ended", tools={"check_calendar": tool})
+    saved, _, _ = await run_cell(twilio, db_url, script, "agent_ended", tools={"check_calendar": tool})
     assert saved["metrics"]["tool_calls"] == 1
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from callbridge.call import Call, CallHooks, CallRecord
 from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall, Say
@@ -64,10 +65,10 @@ async def _serve(env: dict[str, str], port: int) -> asyncio.subprocess.Process:
     raise AssertionError("callbridge serve did not come up")
 
 
-async def test_restart_after_sigkill_reconciles_calls_left_open(tmp_path: Path) -> None:
+@pytest.mark.database
+async def test_restart_after_sigkill_reconciles_calls_left_open(db_url: str) -> None:
     """SIGKILL with a live inbound call and an outbound call still ringing; the restart
     asks Twilio about both, hangs up the one still up, and closes both records."""
-    db = tmp_path / "calls.db"
     port = _free_port()
     talk = AgentScript(steps=[Say("I will keep talking.", seconds=60.0)], realtime_factor=1.0)
     async with (
@@ -81,7 +82,7 @@ async def test_restart_after_sigkill_reconciles_calls_left_open(tmp_path: Path) 
             "ELEVENLABS_AGENT_ID": "agent_crash",
             "ELEVENLABS_API_BASE_URL": agent.base_url,
             "CALLBRIDGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
-            "CALLBRIDGE_DATABASE_URL": f"sqlite:///{db}",
+            "CALLBRIDGE_DATABASE_URL": db_url,
             "CALLBRIDGE_API_TOKEN": API_TOKEN,
             "CALLBRIDGE_INSTANCE_ID": "bridge-a",
         }

@@ -133,11 +133,12 @@ async def stop(ws: ClientConnection, call_sid: str) -> None:
 # -- signatures ---------------------------------------------------------------------------------
 
 
+@pytest.mark.database
 async def test_webhook_signature_covers_the_exact_url_and_every_param(
-    twilio: TwilioEmulator, tmp_path: Path
+    twilio: TwilioEmulator, db_url: str
 ) -> None:
     async with AgentEmulator(short()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             url = f"{srv.url}/twilio/inbound"
             form = webhook_form()
@@ -178,11 +179,12 @@ async def test_webhook_signature_covers_the_exact_url_and_every_param(
     assert metric(metrics, 'callbridge_bad_signatures_total{route="/twilio/inbound"}') == len(refused)
 
 
+@pytest.mark.database
 async def test_status_callback_refuses_forged_and_replayed_signatures_and_the_call_goes_on(
-    twilio: TwilioEmulator, tmp_path: Path
+    twilio: TwilioEmulator, db_url: str
 ) -> None:
     async with AgentEmulator(talkative()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             call = await twilio.place_inbound_call(f"{srv.url}/twilio/inbound")
             await agent.wait_for_conversations(1, timeout=5)
@@ -221,11 +223,12 @@ async def test_status_callback_refuses_forged_and_replayed_signatures_and_the_ca
     assert metric(metrics, 'callbridge_bad_signatures_total{route="/twilio/status"}') == len(attempts)
 
 
+@pytest.mark.database
 async def test_media_stream_upgrade_refuses_missing_wrong_and_replayed_signatures(
-    twilio: TwilioEmulator, tmp_path: Path
+    twilio: TwilioEmulator, db_url: str
 ) -> None:
     async with AgentEmulator(short()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             token = twilio.auth_token
             plain = ws_url(srv)
@@ -259,8 +262,9 @@ async def test_media_stream_upgrade_refuses_missing_wrong_and_replayed_signature
     assert metric(metrics, 'callbridge_bad_signatures_total{route="/twilio/media-stream"}') == len(attempts)
 
 
+@pytest.mark.database
 async def test_outbound_stream_token_is_bound_to_the_call_twilio_created(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An outbound call's token (a nonce ref, bound to the CallSid when Twilio answers the
     create) is refused for any other call, and cannot be used twice."""
@@ -270,7 +274,7 @@ async def test_outbound_stream_token_is_bound_to_the_call_twilio_created(
         TwilioEmulator(account_sid=ACCOUNT_SID, auth_token="test-auth-token", ring_delay=30) as tw,
         AgentEmulator(talkative()) as agent,
     ):
-        settings = settings_for(tw, agent, tmp_path / "calls.db")
+        settings = settings_for(tw, agent, db_url)
         async with running_server(settings) as srv:
             resp = await srv.api.post("/calls", json={"to": "+15559870001", "from": "+15559870002"})
             assert resp.status_code == 201, resp.text
@@ -294,14 +298,15 @@ async def test_outbound_stream_token_is_bound_to_the_call_twilio_created(
     assert any("already used" in m for m in refusals), refusals
 
 
+@pytest.mark.database
 async def test_a_malformed_stream_token_is_refused_cleanly(
-    twilio: TwilioEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    twilio: TwilioEmulator, db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Tokens that are not even the right shape (non-ASCII, truncated, upper-cased,
     padded, another call's ref) get the same 1008 as a wrong one, with no internal error."""
     caplog.set_level(logging.INFO, logger="callbridge")
     async with AgentEmulator(talkative()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             good = srv.state.stream_token(CALL_SID)
             sig = twilio_signature(twilio.auth_token, ws_url(srv))
@@ -334,8 +339,9 @@ async def test_a_malformed_stream_token_is_refused_cleanly(
     assert srv.state.bridge.stats.streams_refused == len(tokens)
 
 
+@pytest.mark.database
 async def test_api_bearer_token_is_compared_in_constant_time(
-    twilio: TwilioEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    twilio: TwilioEmulator, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_compare = hmac.compare_digest
     seen: list[tuple[Any, Any]] = []
@@ -347,7 +353,7 @@ async def test_api_bearer_token_is_compared_in_constant_time(
     # callbridge.server.app calls hmac.compare_digest through its module: patch it there.
     monkeypatch.setattr("callbridge.server.app.hmac.compare_digest", spy)
     async with AgentEmulator(short()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv, httpx.AsyncClient(base_url=srv.url) as anon:
             presented = {
                 "wrong, same length": "x" * len(API_TOKEN),
@@ -379,14 +385,15 @@ async def test_api_bearer_token_is_compared_in_constant_time(
 # -- limits -------------------------------------------------------------------------------------
 
 
+@pytest.mark.database
 async def test_a_media_frame_over_64_kib_closes_1009_and_the_next_call_is_served(
-    twilio: TwilioEmulator, tmp_path: Path
+    twilio: TwilioEmulator, db_url: str
 ) -> None:
     def scripts(agent_id: str, n: int) -> AgentScript:
         return talkative() if n < 2 else short()
 
     async with AgentEmulator(script_factory=scripts) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             # One frame of 64 KiB + 1, from a real (emulated) Twilio call.
             big = await twilio.place_inbound_call(f"{srv.url}/twilio/inbound")
@@ -460,12 +467,13 @@ async def _http_exchange(
     return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2], sent
 
 
+@pytest.mark.database
 @pytest.mark.parametrize("path", ["/twilio/inbound", "/twilio/status", "/calls"])
 async def test_oversized_request_bodies_get_413_without_being_read(
-    twilio: TwilioEmulator, tmp_path: Path, path: str
+    twilio: TwilioEmulator, db_url: str, path: str
 ) -> None:
     async with AgentEmulator(short()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             base = (
                 f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_TOKEN}\r\n"
@@ -494,10 +502,11 @@ async def test_oversized_request_bodies_get_413_without_being_read(
     assert health.status_code == 200
 
 
-async def test_a_content_length_lying_low_is_read_as_declared(twilio: TwilioEmulator, tmp_path: Path) -> None:
+@pytest.mark.database
+async def test_a_content_length_lying_low_is_read_as_declared(twilio: TwilioEmulator, db_url: str) -> None:
     """A body longer than its Content-Length: only the declared bytes are the request."""
     async with AgentEmulator(short()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             body = json.dumps({"to": "+15559870001", "from": "+15559870002"}).encode() + b" " * 200_000
             head = (
@@ -511,6 +520,7 @@ async def test_a_content_length_lying_low_is_read_as_declared(twilio: TwilioEmul
     assert health.status_code == 200
 
 
+@pytest.mark.database
 @pytest.mark.parametrize(
     ("content", "status"),
     [
@@ -521,21 +531,22 @@ async def test_a_content_length_lying_low_is_read_as_declared(twilio: TwilioEmul
     ],
 )
 async def test_calls_api_hostile_json_gets_a_client_error(
-    twilio: TwilioEmulator, tmp_path: Path, content: bytes, status: int
+    twilio: TwilioEmulator, db_url: str, content: bytes, status: int
 ) -> None:
     async with AgentEmulator(short()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             resp = await srv.api.post("/calls", content=content, headers={"Content-Type": "application/json"})
     assert resp.status_code == status, resp.text
     assert "error" in resp.json()
 
 
+@pytest.mark.database
 async def test_at_capacity_every_rejected_call_is_answered_within_a_second(
-    twilio: TwilioEmulator, tmp_path: Path
+    twilio: TwilioEmulator, db_url: str
 ) -> None:
     async with AgentEmulator(talkative()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db", max_concurrent_calls=2)
+        settings = settings_for(twilio, agent, db_url, max_concurrent_calls=2)
         async with running_server(settings) as srv:
             live = [await twilio.place_inbound_call(f"{srv.url}/twilio/inbound") for _ in range(2)]
             await agent.wait_for_conversations(2, timeout=5)
@@ -581,8 +592,9 @@ async def test_at_capacity_every_rejected_call_is_answered_within_a_second(
     assert not [r for r in twilio.requests if r.method == "POST" and r.path.endswith("/Calls.json")]
 
 
+@pytest.mark.database
 async def test_an_agent_frame_over_1_mib_ends_the_call_as_agent_error(
-    twilio: TwilioEmulator, tmp_path: Path
+    twilio: TwilioEmulator, db_url: str
 ) -> None:
     huge = {
         "type": "agent_response",
@@ -593,7 +605,7 @@ async def test_an_agent_frame_over_1_mib_ends_the_call_as_agent_error(
         realtime_factor=FAST,
     )
     async with AgentEmulator(script) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             call = await twilio.place_inbound_call(f"{srv.url}/twilio/inbound")
             record = (await srv.wait_records(1))[0]
@@ -610,8 +622,9 @@ async def test_an_agent_frame_over_1_mib_ends_the_call_as_agent_error(
     assert call.status == "completed" and call.end_cause == "rest_completed"
 
 
+@pytest.mark.database
 async def test_hostile_frames_on_a_live_call_are_warnings_and_the_call_goes_on(
-    twilio: TwilioEmulator, tmp_path: Path
+    twilio: TwilioEmulator, db_url: str
 ) -> None:
     """The parser properties, end to end: garbage from either side is counted and logged,
     and the call still ends the way it would have (the goodbye heard, then hang-up)."""
@@ -641,7 +654,7 @@ async def test_hostile_frames_on_a_live_call_are_warnings_and_the_call_goes_on(
         "[" * 5000,
     ]
     async with AgentEmulator(script) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             call = await twilio.place_inbound_call(
                 f"{srv.url}/twilio/inbound", audio=load_speech("caller_hello")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,9 +37,10 @@ def short_script() -> AgentScript:
     )
 
 
-async def test_inbound_call_from_webhook_to_record(twilio: TwilioEmulator, tmp_path: Path) -> None:
+@pytest.mark.database
+async def test_inbound_call_from_webhook_to_record(twilio: TwilioEmulator, db_url: str) -> None:
     async with AgentEmulator(short_script()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             call = await twilio.place_inbound_call(
                 f"{srv.url}/twilio/inbound",
@@ -74,9 +74,10 @@ async def test_inbound_call_from_webhook_to_record(twilio: TwilioEmulator, tmp_p
     assert call.status == "completed"
 
 
-async def test_outbound_call_from_api_to_record(twilio: TwilioEmulator, tmp_path: Path) -> None:
+@pytest.mark.database
+async def test_outbound_call_from_api_to_record(twilio: TwilioEmulator, db_url: str) -> None:
     async with AgentEmulator(short_script()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             resp = await srv.api.post(
                 "/calls",
@@ -115,9 +116,10 @@ async def test_outbound_call_from_api_to_record(twilio: TwilioEmulator, tmp_path
     assert [e["status"] for e in record["twilio_events"]][-1] == "completed"
 
 
-async def test_api_hangup_ends_a_live_call(twilio: TwilioEmulator, tmp_path: Path) -> None:
+@pytest.mark.database
+async def test_api_hangup_ends_a_live_call(twilio: TwilioEmulator, db_url: str) -> None:
     async with AgentEmulator(talkative_script()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             call = await twilio.place_inbound_call(f"{srv.url}/twilio/inbound")
             await agent.wait_for_conversations(1, timeout=5)
@@ -137,9 +139,10 @@ async def test_api_hangup_ends_a_live_call(twilio: TwilioEmulator, tmp_path: Pat
     assert conv.closed_by == "client"
 
 
-async def test_status_callback_completed_ends_a_live_call(twilio: TwilioEmulator, tmp_path: Path) -> None:
+@pytest.mark.database
+async def test_status_callback_completed_ends_a_live_call(twilio: TwilioEmulator, db_url: str) -> None:
     async with AgentEmulator(talkative_script()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             call = await twilio.place_inbound_call(f"{srv.url}/twilio/inbound")
             await agent.wait_for_conversations(1, timeout=5)
@@ -155,9 +158,10 @@ async def test_status_callback_completed_ends_a_live_call(twilio: TwilioEmulator
     assert not [r for r in twilio.requests if r.form.get("Status") == "completed"]
 
 
-async def test_bad_signatures_are_rejected(twilio: TwilioEmulator, tmp_path: Path) -> None:
+@pytest.mark.database
+async def test_bad_signatures_are_rejected(twilio: TwilioEmulator, db_url: str) -> None:
     async with AgentEmulator(short_script()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             form = {
                 "CallSid": "CA" + "a" * 32,
@@ -229,9 +233,10 @@ async def _close_code(ws: Any) -> int | None:
     return closed.value.rcvd.code if closed.value.rcvd else None
 
 
-async def test_stream_token_cannot_be_reused_or_forged(twilio: TwilioEmulator, tmp_path: Path) -> None:
+@pytest.mark.database
+async def test_stream_token_cannot_be_reused_or_forged(twilio: TwilioEmulator, db_url: str) -> None:
     async with AgentEmulator(talkative_script(2.0)) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             ws_url = srv.url.replace("http", "ws") + "/twilio/media-stream"
             sid1, sid2, sid3 = ("CA" + c * 32 for c in "123")
@@ -262,9 +267,10 @@ async def test_stream_token_cannot_be_reused_or_forged(twilio: TwilioEmulator, t
     assert srv.records[0].end_reason == "caller_hung_up"
 
 
-async def test_api_requires_the_bearer_token(twilio: TwilioEmulator, tmp_path: Path) -> None:
+@pytest.mark.database
+async def test_api_requires_the_bearer_token(twilio: TwilioEmulator, db_url: str) -> None:
     async with AgentEmulator(short_script()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv, httpx.AsyncClient(base_url=srv.url) as anon:
             for method, path in (
                 ("GET", "/calls"),
@@ -280,6 +286,7 @@ async def test_api_requires_the_bearer_token(twilio: TwilioEmulator, tmp_path: P
             assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
+@pytest.mark.database
 @pytest.mark.parametrize(
     ("body", "status"),
     [
@@ -295,10 +302,10 @@ async def test_api_requires_the_bearer_token(twilio: TwilioEmulator, tmp_path: P
     ],
 )
 async def test_calls_api_validates_bodies(
-    twilio: TwilioEmulator, tmp_path: Path, body: Any, status: int
+    twilio: TwilioEmulator, db_url: str, body: Any, status: int
 ) -> None:
     async with AgentEmulator(short_script()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db")
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             content = body if isinstance(body, str) else json.dumps(body)
             resp = await srv.api.post("/calls", content=content, headers={"Content-Type": "application/json"})
@@ -307,10 +314,10 @@ async def test_calls_api_validates_bodies(
     assert not [r for r in twilio.requests if r.path.endswith("/Calls.json")]
 
 
-async def test_records_survive_a_restart(twilio: TwilioEmulator, tmp_path: Path) -> None:
-    db = tmp_path / "calls.db"
+@pytest.mark.database
+async def test_records_survive_a_restart(twilio: TwilioEmulator, db_url: str) -> None:
     async with AgentEmulator(short_script()) as agent:
-        settings = settings_for(twilio, agent, db)
+        settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             call = await twilio.place_inbound_call(
                 f"{srv.url}/twilio/inbound", audio=load_speech("caller_hello")
@@ -324,9 +331,10 @@ async def test_records_survive_a_restart(twilio: TwilioEmulator, tmp_path: Path)
     assert [c["call_sid"] for c in listed["calls"]] == [call.sid]
 
 
-async def test_at_capacity_new_calls_get_polite_twiml(twilio: TwilioEmulator, tmp_path: Path) -> None:
+@pytest.mark.database
+async def test_at_capacity_new_calls_get_polite_twiml(twilio: TwilioEmulator, db_url: str) -> None:
     async with AgentEmulator(talkative_script()) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db", max_concurrent_calls=1)
+        settings = settings_for(twilio, agent, db_url, max_concurrent_calls=1)
         async with running_server(settings) as srv:
             first = await twilio.place_inbound_call(f"{srv.url}/twilio/inbound")
             await agent.wait_for_conversations(1, timeout=5)
@@ -341,8 +349,9 @@ async def test_at_capacity_new_calls_get_polite_twiml(twilio: TwilioEmulator, tm
     assert "callbridge_active_calls 1.0" in metrics
 
 
+@pytest.mark.database
 async def test_sigterm_drain_lets_calls_finish_then_ends_the_rest(
-    twilio: TwilioEmulator, tmp_path: Path
+    twilio: TwilioEmulator, db_url: str
 ) -> None:
     quick = AgentScript(
         steps=[Say("Short call", seconds=0.3), EndCall("Bye", seconds=0.3)], realtime_factor=1.0
@@ -352,7 +361,7 @@ async def test_sigterm_drain_lets_calls_finish_then_ends_the_rest(
         return quick if n == 0 else talkative_script()
 
     async with AgentEmulator(script_factory=scripts) as agent:
-        settings = settings_for(twilio, agent, tmp_path / "calls.db", shutdown_grace_seconds=1.5)
+        settings = settings_for(twilio, agent, db_url, shutdown_grace_seconds=1.5)
         async with running_server(settings) as srv:
             short = await twilio.place_inbound_call(f"{srv.url}/twilio/inbound")
             await agent.wait_for_conversations(1, timeout=5)
