@@ -56,7 +56,8 @@ def test_serve_without_settings_says_what_is_missing_in_one_line() -> None:
 
 
 def test_help_for_each_command() -> None:
-    for cmd in ([], ["serve"], ["call"], ["calls"], ["calls", "list"], ["calls", "show"], ["demo"]):
+    calls = (["calls"], ["calls", "list"], ["calls", "show"])
+    for cmd in ([], ["serve"], ["call"], *calls, ["db"], ["db", "upgrade"], ["demo"]):
         result = run_cli(*cmd, "--help")
         assert result.returncode == 0, cmd
         assert "usage: callbridge" in result.stdout
