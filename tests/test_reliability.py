@@ -138,9 +138,11 @@ async def test_record_saved_while_the_database_is_locked_is_written_later(
     db = tmp_path / "calls.db"
     locker: list[sqlite3.Connection] = []
 
-    def lock_database(call: Call) -> None:
-        # Another writer holds the database at the moment the call ends.
-        con = sqlite3.connect(db, isolation_level=None)
+    async def lock_database(call: Call) -> None:
+        # Another writer holds the database at the moment the call ends (taken when our
+        # writer is idle: this hook blocks the loop while it waits for the lock).
+        assert await store.wait_written(10)
+        con = sqlite3.connect(db, isolation_level=None, timeout=0)
         con.execute("BEGIN EXCLUSIVE")
         locker.append(con)
 

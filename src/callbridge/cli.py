@@ -43,6 +43,7 @@ def configure_logging(level: str = "info", json_logs: bool = False) -> None:
     logging.getLogger("websockets").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # "Context impl ..." at every start
 
 
 def _settings(args: argparse.Namespace, require: tuple[str, ...]) -> Settings:
@@ -136,13 +137,18 @@ def _serve_settings(args: argparse.Namespace | None) -> Settings:
     return _settings(args, ("twilio", "agent", "public_url"))
 
 
-def _run_server(settings: Settings, host: str, port: int, sockets: list[Any] | None = None) -> None:
+# Exit status of `serve` when call records were left in the spool file (the log names it).
+EXIT_RECORDS_UNWRITTEN = 3
+
+
+def _run_server(settings: Settings, host: str, port: int, sockets: list[Any] | None = None) -> int:
     from callbridge.server.app import create_app
     from callbridge.server.run import GracefulServer, make_config
 
     app = create_app(settings)
     server = GracefulServer(make_config(app, host, port), app.state.callbridge)
     server.run(sockets=sockets)
+    return EXIT_RECORDS_UNWRITTEN if app.state.callbridge.unwritten else 0
 
 
 def _worker(sockets: list[Any] | None = None, index: int = 0) -> None:
@@ -153,7 +159,7 @@ def _worker(sockets: list[Any] | None = None, index: int = 0) -> None:
     configure_logging(
         os.environ.get("CALLBRIDGE_LOG_LEVEL", "info"), os.environ.get("CALLBRIDGE_JSON_LOGS") == "1"
     )
-    _run_server(_serve_settings(None), "0.0.0.0", 0, sockets)
+    sys.exit(_run_server(_serve_settings(None), "0.0.0.0", 0, sockets))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -165,8 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     _preflight(settings)  # once, in this process, also when there are workers
     if args.workers <= 1:
-        _run_server(settings, args.host, args.port)
-        return 0
+        return _run_server(settings, args.host, args.port)
     # Each worker is its own process with its own calls, built from the environment
     # (flags are put there first); SIGTERM is forwarded and each worker drains its calls.
     from callbridge.config import ENV_VARS
@@ -177,11 +182,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ[ENV_VARS[name]] = str(value)
     os.environ["CALLBRIDGE_LOG_LEVEL"] = args.log_level
     os.environ["CALLBRIDGE_JSON_LOGS"] = "1" if args.json_logs else "0"
-    _supervise(args.host, args.port, args.workers)
-    return 0
+    return _supervise(args.host, args.port, args.workers)
 
 
-def _supervise(host: str, port: int, workers: int) -> None:
+def _supervise(host: str, port: int, workers: int) -> int:
     import multiprocessing
     import signal
 
@@ -209,6 +213,8 @@ def _supervise(host: str, port: int, workers: int) -> None:
     for proc in procs:
         proc.join()
     sock.close()
+    unwritten = any(proc.exitcode == EXIT_RECORDS_UNWRITTEN for proc in procs)
+    return EXIT_RECORDS_UNWRITTEN if unwritten else 0
 
 
 # -- call -------------------------------------------------------------------------

@@ -380,6 +380,10 @@ class CallStore:
         self._idle.set()
         self._writer_task: asyncio.Task[None] | None = None
         self._healthy = True
+        self._slow = False  # a write pass has been running for over `spool_after` seconds
+        self.spool_after = min(1.0, timeout)
+        self.read_timeout = min(3.0, timeout)  # the API answers 503 within this
+        self._reads: set[asyncio.Task[Any]] = set()  # reads given up on, still cleaning up
         self._down_since: float | None = None
         self._closed = False
         self.saves_failed = 0  # failed write passes (each retried)
@@ -406,19 +410,24 @@ class CallStore:
 
     async def close(self, timeout: float | None = None) -> int:
         """Write what is pending (for at most `timeout`, default the store's timeout), spool
-        the rest, release the connections. Returns the number of calls left in the spool."""
+        the rest, release the connections. Returns the number of calls left in the spool.
+        Bounded by `timeout` (+0.5 s) whatever the database does."""
         if self._closed:
             return self.unwritten
         self._closed = True
         budget = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
+
+        def left(floor: float) -> float:
+            return max(floor, deadline - time.monotonic())
+
         if self._writer_task is not None:
             if self._pending and self._healthy:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
+                    await asyncio.wait_for(self._idle.wait(), left(0.0) * 0.8)
             self._writer_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer_task
+            # A pass cut short on a hung server finishes its clean-up on its own.
+            await asyncio.wait({self._writer_task}, timeout=left(0.1) / 2)
         if self._pending:
             self._spool_pending()
             self.unwritten = len(self._pending)
@@ -429,7 +438,9 @@ class CallStore:
                 redact_url(self.url),
                 self.spool_path,
             )
-        await self._dispose(max(0.5, deadline - time.monotonic()))
+        if self._reads:  # reads given up on, still cleaning up
+            await asyncio.wait(self._reads, timeout=left(0.1) / 2)
+        await self._dispose(left(0.2))
         return self.unwritten
 
     async def _dispose(self, timeout: float) -> None:
@@ -439,7 +450,7 @@ class CallStore:
             # A hung server never answers the goodbye: drop the connections without it.
             log.warning("store: closing database connections: %s", _short(exc))
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.engine.dispose(close=False), 1.0)
+                await asyncio.wait_for(self.engine.dispose(close=False), 0.3)
 
     @property
     def pending(self) -> int:
@@ -508,10 +519,14 @@ class CallStore:
             ops[-1] = op  # a newer snapshot of the same record replaces one not yet written
         else:
             ops.append(op)
-        if not self._healthy or self._writer_task is None:
+        if not self._healthy or self._slow or self._writer_task is None:
             # The database is down (or the store is not running): on disk at once.
             self._spool_pending()
         self._kick()
+
+    def _slow_pass(self) -> None:
+        self._slow = True
+        self._spool_pending()
 
     def _kick(self) -> None:
         self._idle.clear()
@@ -532,7 +547,14 @@ class CallStore:
                     reraise=True,
                 ):
                     with attempt:
-                        await self._write_pass()
+                        # A pass that takes longer than `spool_after` (a slow or hung
+                        # database) puts what is queued on disk meanwhile.
+                        slow = asyncio.get_running_loop().call_later(self.spool_after, self._slow_pass)
+                        try:
+                            await self._write_pass()
+                        finally:
+                            slow.cancel()
+                            self._slow = False
             except Exception:  # a bug, not the database: keep the writes, try again later
                 log.exception("store: writer pass failed; retrying in %.0f s", self.max_retry_delay)
                 self._spool_pending()
@@ -735,11 +757,40 @@ class CallStore:
     # -- reads ----------------------------------------------------------------------------
 
     async def _read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        try:
-            async with asyncio.timeout(self.timeout), self.engine.connect() as conn:
+        """`work` on a connection, answered or given up within `timeout`. The read runs in
+        its own task: giving up on a hung server must not wait for its connection's
+        clean-up (seconds more), so that task finishes on its own, bounded, in the background."""
+
+        async def read() -> T:
+            async with asyncio.timeout(self.timeout * 2), self.engine.connect() as conn:
                 return await work(conn)
+
+        task = asyncio.ensure_future(read())
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.read_timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            self._reads.add(task)
+            task.add_done_callback(self._read_done)
+            raise StoreUnavailable("the call records database did not answer in time")
+        try:
+            return task.result()
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"the call records database is unavailable: {_short(exc, 200)}") from None
+
+    async def _settle(self) -> None:
+        """Read-your-writes for lists: with a healthy database, the writes this process
+        queued a moment ago (milliseconds) are in before the query runs."""
+        if self._pending and self._healthy and self._writer_task is not None:
+            await self.wait_written(min(1.0, self.read_timeout))
+
+    def _read_done(self, task: asyncio.Task[Any]) -> None:
+        self._reads.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: it was given up on and reported already
 
     async def get(self, call_sid: str) -> dict[str, Any] | None:
         """One record, with this process's writes not yet in the database applied."""
@@ -774,6 +825,7 @@ class CallStore:
         async def work(conn: AsyncConnection) -> list[dict[str, Any]]:
             return [dict(r) for r in (await conn.execute(query)).mappings().all()]
 
+        await self._settle()
         rows = await self._read(work)
         more = len(rows) > limit
         return Page([row_to_dict(r) for r in rows[:limit]], offset + limit if more else None)
@@ -784,6 +836,7 @@ class CallStore:
         async def work(conn: AsyncConnection) -> dict[str, int]:
             return {str(reason): int(n) for reason, n in (await conn.execute(query)).all()}
 
+        await self._settle()
         return await self._read(work)
 
     async def active_call_sids(self, instance: str | None = None) -> list[str]:

@@ -41,7 +41,7 @@ from callbridge.config import Settings
 from callbridge.logs import log_event
 from callbridge.recovery import reconcile
 from callbridge.server.streamwatch import ExpectedCall, StreamWatch
-from callbridge.store import CallStore
+from callbridge.store import CallStore, StoreUnavailable
 from callbridge.telephony.base import CallControl, CallControlError, StreamInfo
 from callbridge.telephony.twilio.control import TwilioCallControl
 from callbridge.transport import SocketClosed
@@ -114,6 +114,7 @@ class AppState:
     outbound_refs: dict[str, str] = field(default_factory=dict)
     pending_streams: OrderedDict[str, float] = field(default_factory=OrderedDict)
     rejected_signatures: dict[str, int] = field(default_factory=dict)
+    unwritten: int = 0  # calls whose records were left in the spool at shutdown
     streamwatch: StreamWatch | None = None  # closes calls whose stream never connects
 
     # -- per-call stream token ------------------------------------------------
@@ -386,10 +387,7 @@ def create_app(
             k: form[k] for k in ("CallDuration", "Timestamp", "SequenceNumber") if k in form
         }
         log_event(log, "twilio.status", call_sid=call_sid, status=status)
-        try:
-            await store.set_twilio_status(call_sid, status, details, form)
-        except Exception as exc:
-            log_event(log, "record.status_save_failed", logging.ERROR, call_sid=call_sid, error=repr(exc))
+        await store.set_twilio_status(call_sid, status, details, form)  # queued: never fails here
         if status in END_STATUSES:
             call = bridge.find(call_sid)
             if call is not None:
@@ -478,9 +476,10 @@ def create_app(
         state.outbound_refs[ref] = out.call_sid
         state._remember(state.pending_streams, out.call_sid, keep_s=60)
         watch.expect(out.call_sid, ExpectedCall("outbound", data["from"], data["to"]))
-        await store.create_placeholder(out.call_sid, "outbound", data["from"], data["to"])
+        # The call is placed: from here on, nothing may answer 5xx (a client that retries
+        # would dial the person twice). The placeholder is queued; the API shows it at once.
+        record = await store.create_placeholder(out.call_sid, "outbound", data["from"], data["to"])
         log_event(log, "call.outbound_created", call_sid=out.call_sid, to=data["to"])
-        record = await store.get(out.call_sid)
         return JSONResponse(record, status_code=201)
 
     async def list_calls(request: Request) -> Response:
@@ -503,13 +502,18 @@ def create_app(
         return JSONResponse({"calls": page.items, "next_offset": page.next_offset})
 
     async def get_call(request: Request) -> Response:
-        record = await store.get(request.path_params["call_sid"])
+        call_sid = request.path_params["call_sid"]
+        if not _SID_RE.fullmatch(call_sid):
+            return error(404, "no such call (a call SID is CA followed by 32 hex digits)")
+        record = await store.get(call_sid)
         if record is None:
             return error(404, "no such call")
         return JSONResponse(record)
 
     async def hangup_call(request: Request) -> Response:
         call_sid = request.path_params["call_sid"]
+        if not _SID_RE.fullmatch(call_sid):
+            return error(404, "no such call (a call SID is CA followed by 32 hex digits)")
         live = await bridge.hangup(call_sid)
         if live is not None:
             return JSONResponse(await store.get(call_sid) or live.to_dict())
@@ -535,6 +539,11 @@ def create_app(
 
     async def recover() -> None:
         try:
+            # Writes spooled by an earlier run go first: a call that ended during an outage
+            # keeps its true end reason instead of being reconciled as left open.
+            if not await store.wait_written(settings.shutdown_grace_seconds + store.timeout):
+                log.warning("crash recovery waits: spooled call records are not written yet")
+                await store.wait_written(float("inf"))
             await reconcile(store, control, settings.instance_id)
         except Exception:
             log.exception("crash recovery failed")
@@ -559,7 +568,8 @@ def create_app(
             aclose = getattr(control, "aclose", None)
             if aclose is not None:
                 await aclose()
-            await store.close()
+            # Bounded: a hung database never holds the process past the grace period.
+            state.unwritten = await store.close(min(store.timeout, max(settings.shutdown_grace_seconds, 1.0)))
 
     routes = [
         Route("/twilio/inbound", inbound, methods=["POST"]),
@@ -572,9 +582,20 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={StoreUnavailable: store_unavailable}
+    )
     app.state.callbridge = state
     return app
+
+
+async def store_unavailable(request: Request, exc: Exception) -> Response:
+    log_event(log, "api.store_unavailable", logging.WARNING, path=request.url.path, error=str(exc))
+    return JSONResponse(
+        {"error": "the call records database is unavailable; try again shortly"},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
 
 
 def validate_call_request(data: Any) -> str | None:
