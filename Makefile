@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-postgres lint demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,21 @@ install: $(STAMP)
 
 # The whole suite on SQLite, then the tests marked `database` again on a real PostgreSQL server
 # that the tests start themselves (tests/pgserver.py; binaries from scripts/ensure-postgres.sh).
+# The PostgreSQL pass leaves out the agent- and stream-fault cells of the fault matrix: they
+# write the same two records as every other cell and take half of that pass (2.5 of 5 min);
+# `make test-postgres PG_PASS_ONLY=` runs every database test on PostgreSQL.
+PG_PASS_ONLY ?= -k "not test_agent_fault and not test_twilio_stream_fault"
+
 test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 	scripts/ensure-postgres.sh
 	$(BIN)/pytest -q
-	$(BIN)/pytest -q -m database --db=postgresql
+	$(BIN)/pytest -q -m database --db=postgresql $(PG_PASS_ONLY)
+
+test-postgres: $(STAMP)
+	scripts/ensure-postgres.sh
+	$(BIN)/pytest -q -m database --db=postgresql $(PG_PASS_ONLY)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
