@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -101,3 +101,15 @@ async def running_server(
         server.should_exit = True
         await asyncio.wait_for(serving, 15)
         sock.close()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if predicate():
+                    return
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout} s: {what}") from None

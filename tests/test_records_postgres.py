@@ -27,7 +27,7 @@ from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall,
 from callbridge.emulators.twilio import TwilioEmulator
 from callbridge.store import CallStore, iter_spool
 from tests.pgserver import PostgresServer
-from tests.serverkit import API_TOKEN, running_server, settings_for
+from tests.serverkit import API_TOKEN, running_server, settings_for, wait_until
 from tests.test_cli import clean_env
 
 FAST = float("inf")
@@ -53,18 +53,6 @@ def pg_store(url: str, tmp_path: Path, instance: str = "test-a") -> CallStore:
     return CallStore(
         url, instance=instance, spool_path=str(tmp_path / "spool.jsonl"), timeout=1.0, connect_timeout=1.0
     )
-
-
-async def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds."""
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                if predicate():
-                    return
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"not within {timeout} s: {what}") from None
 
 
 async def records_in_database(url: str) -> dict[str, dict[str, Any]]:

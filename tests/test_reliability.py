@@ -18,7 +18,7 @@ from callbridge.call import Call, CallHooks, CallRecord
 from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall, Say
 from callbridge.emulators.twilio import TwilioEmulator
 from callbridge.store import CallStore
-from tests.serverkit import API_TOKEN, running_server, settings_for
+from tests.serverkit import API_TOKEN, running_server, settings_for, wait_until
 from tests.test_cli import clean_env
 
 FAST = float("inf")
@@ -155,9 +155,7 @@ async def test_record_saved_while_the_database_is_locked_is_written_later(
         async with running_server(settings, hooks=hooks, store=store) as srv:
             call = await twilio.place_inbound_call(f"{srv.url}/twilio/inbound")
             await srv.wait_records(1)
-            async with asyncio.timeout(10):  # the call ended; its record waits for the lock
-                while store.saves_failed == 0:
-                    await asyncio.sleep(0.02)
+            await wait_until(lambda: store.saves_failed > 0, 10, "the locked write failed")
             assert store.pending == 1
             # ... and is already on disk, in case the process dies before the lock goes
             assert call.sid in (tmp_path / "spool.jsonl").read_text()
@@ -183,9 +181,7 @@ async def test_records_unwritable_at_close_are_spooled_and_written_at_next_start
     con.execute("BEGIN EXCLUSIVE")
     record = CallRecord(call_sid="CA" + "5" * 32, status="ended", end_reason="caller_hung_up", duration_s=3.0)
     await store.save(record)  # returns at once: the database is not on the call's path
-    async with asyncio.timeout(10):
-        while store.healthy:
-            await asyncio.sleep(0.02)
+    await wait_until(lambda: not store.healthy, 10, "the locked write failed")
     assert store.pending == 1 and "caller_hung_up" in spool.read_text()  # on disk at once
     assert await store.close(0.2) == 1  # still locked: left in the spool file
     con.rollback()
