@@ -17,6 +17,7 @@ import pytest
 from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall, Say, WaitForUser
 from callbridge.emulators.twilio import EmulatedCall, TwilioEmulator
 from callbridge.server.streamwatch import ExpectedCall, StreamWatch
+from callbridge.store import StoreUnavailable
 from callbridge.telephony.base import CallControlError, HangupOutcome
 from tests.serverkit import RunningServer, running_server, settings_for
 
@@ -310,6 +311,29 @@ async def test_watchdog_leaves_a_stream_taken_by_another_process() -> None:
     watch = StreamWatch(control, store, 0.05, settled)
     watch.expect(SID, ExpectedCall("inbound", CALLER, NUMBER))
     await eventually(lambda: bool(looked) and watch.pending == 0, "the watchdog looked")
+    await watch.close()
+    assert control.calls == [] and store.ops == []
+
+
+async def test_watchdog_never_hangs_up_while_the_shared_records_cannot_be_read() -> None:
+    """With the records database down, a stream live on another worker cannot be told
+    from a missing one: the watchdog checks again later instead of hanging up."""
+    control, store = FakeControl("in-progress"), FakeStore()
+    looked: list[str] = []
+    database_down = True
+
+    async def settled(call_sid: str) -> bool:
+        looked.append(call_sid)
+        if database_down:
+            raise StoreUnavailable("the call records database did not answer in time")
+        return True  # back: the stream is live on another worker
+
+    watch = StreamWatch(control, store, 0.05, settled)
+    watch.expect(SID, ExpectedCall("inbound", CALLER, NUMBER))
+    await eventually(lambda: len(looked) >= 3, "the watchdog looked three times")
+    assert control.calls == [] and store.ops == [] and watch.pending == 1
+    database_down = False
+    await eventually(lambda: watch.pending == 0, "the watchdog saw the stream elsewhere")
     await watch.close()
     assert control.calls == [] and store.ops == []
 

@@ -209,10 +209,16 @@ class StreamWatch:
     async def _check(self, call_sid: str, entry: _Entry) -> None:
         entry.checks += 1
         waited = entry.timeout * entry.checks
-        if await self._settled(call_sid):
+        settled = await self._settled(call_sid)
+        if settled:
             # Another process took the stream (it records the call's end itself), or closed it.
             if self._pending.get(call_sid) is entry:
                 del self._pending[call_sid]
+            return
+        if settled is None and self._still_ours(call_sid, entry):
+            # The records database is down: the stream may be live on another worker or
+            # instance, and hanging up a live call is worse than checking again later.
+            self._arm(call_sid, entry)
             return
         if not self._still_ours(call_sid, entry):
             return
@@ -278,15 +284,16 @@ class StreamWatch:
 
     # -- records ---------------------------------------------------------------
 
-    async def _settled(self, call_sid: str) -> bool:
+    async def _settled(self, call_sid: str) -> bool | None:
+        """Whether another process took the stream or closed the call; None: unknown
+        (the shared records could not be read)."""
         if self.settled is None:
             return False
         try:
             return await self.settled(call_sid)
         except Exception as exc:
-            # Unknown: act as if not seen; a stream live elsewhere still records its own end.
             log_event(log, "streamwatch.lookup_failed", logging.WARNING, call_sid=call_sid, error=repr(exc))
-            return False
+            return None
 
     async def _close(
         self, call_sid: str, detail: str, info: ExpectedCall | None = None, force: bool = False
