@@ -6,6 +6,7 @@ SQLite paths, missing drivers), then the `callbridge` command itself as a subpro
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -388,6 +389,23 @@ def test_calls_list_elsewhere_never_creates_a_database(tmp_path: Path) -> None:
     given = cli("calls", "list", "--database-url", f"sqlite:///{tmp_path}/other.db", cwd=tmp_path)
     assert_one_error_line(given, f"no call records at {tmp_path}/other.db", "--database-url")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calls_list_only_reads(tmp_path: Path) -> None:
+    """A reading command neither migrates nor replays a spool it happens to find: a file
+    with no records table is one line; a spool in the working directory is left alone."""
+    (tmp_path / "empty.db").touch()
+    spool = tmp_path / "callbridge-unsaved-records.jsonl"
+    op = {"op": "close", "call_sid": "CA" + "1" * 32, "reason": "shutdown", "detail": "x"}
+    spool.write_text(json.dumps(op) + "\n")
+    result = cli("calls", "list", "--database-url", "sqlite:///empty.db", cwd=tmp_path)
+    assert_one_error_line(result, f"{tmp_path}/empty.db", "callbridge db upgrade")
+    assert (tmp_path / "empty.db").stat().st_size == 0 and spool.exists()
+    made = cli("db", "upgrade", "--database-url", f"sqlite:///{tmp_path}/empty.db")
+    assert made.returncode == 0, made.stderr
+    listed = cli("calls", "list", "--database-url", "sqlite:///empty.db", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "CA" + "1" * 32 not in listed.stdout and spool.exists()
 
 
 def test_calls_list_with_a_refused_postgres() -> None:

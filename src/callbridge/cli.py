@@ -87,7 +87,9 @@ def _require_existing(url: str, args: argparse.Namespace) -> None:
     )
 
 
-async def _open_store(url: str, *, instance: str | None = None, spool_path: str | None = None) -> CallStore:
+async def _open_store(
+    url: str, *, instance: str | None = None, spool_path: str | None = None, read_only: bool = False
+) -> CallStore:
     """A store whose `init()` has run, or a CliError with one line saying why not."""
     from callbridge.store import CallStore
 
@@ -96,7 +98,7 @@ async def _open_store(url: str, *, instance: str | None = None, spool_path: str 
     except Exception as exc:  # e.g. the engine cannot be made: a missing driver, a bad URL
         raise _database_problem(exc, url) from None
     try:
-        await store.init()
+        await store.init(read_only=read_only)
     except Exception as exc:
         with contextlib.suppress(Exception):
             await store.close()
@@ -290,7 +292,7 @@ async def _calls(args: argparse.Namespace) -> int:
     settings = _settings(args, ())
     since = _parse_since(getattr(args, "since", None))
     _require_existing(settings.database_url, args)
-    store = await _open_store(settings.database_url)
+    store = await _open_store(settings.database_url, read_only=True)
     try:
         if args.calls_cmd == "show":
             record = await store.get(args.call_sid)

@@ -392,10 +392,29 @@ class CallStore:
 
     # -- life ---------------------------------------------------------------------------
 
-    async def init(self, migrate: bool = True) -> None:
+    async def init(self, migrate: bool = True, read_only: bool = False) -> None:
         """Upgrade the schema (under the migration lock), take back what an earlier run
         spooled, and start the writer. A database that cannot be opened raises
-        `callbridge.dberrors.DatabaseError` with one line for the user."""
+        `callbridge.dberrors.DatabaseError` with one line for the user. `read_only` (the
+        CLI's `calls list/show`): only check that the records can be read; no migration,
+        no spool, no writer."""
+        if read_only:
+            try:
+                async with asyncio.timeout(self.timeout), self.engine.connect() as conn:
+                    found = await conn.run_sync(lambda sync: sa_inspect(sync).has_table("calls"))
+            except Exception as exc:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.engine.dispose(), self.timeout)
+                raise _start_error(exc, self.url) from None
+            if not found:
+                await self._dispose(self.timeout)
+                raise _start_error(
+                    LookupError(
+                        "it has no call records table: `callbridge serve` or `callbridge db upgrade` makes it"
+                    ),
+                    self.url,
+                )
+            return
         if migrate:
             try:
                 await asyncio.wait_for(self._migrate(), self.timeout * 6)
