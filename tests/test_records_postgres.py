@@ -325,8 +325,10 @@ async def test_process_stopped_during_an_outage_keeps_every_record(
             "CALLBRIDGE_API_TOKEN": API_TOKEN,
             "CALLBRIDGE_INSTANCE_ID": "bridge-a",
             "CALLBRIDGE_SHUTDOWN_GRACE_SECONDS": "1",
+            "CALLBRIDGE_SPOOL_DIR": str(tmp_path / "spool"),
         }
-        spool = tmp_path / "callbridge-unsaved-records.jsonl"
+        (tmp_path / "spool").mkdir()
+        spool = tmp_path / "spool" / "callbridge-unsaved-records.jsonl"
         proc = await _serve(env, port, tmp_path)
         try:
             pg_server.stop()

@@ -408,6 +408,20 @@ def test_calls_list_only_reads(tmp_path: Path) -> None:
     assert "CA" + "1" * 32 not in listed.stdout and spool.exists()
 
 
+def test_serve_with_a_missing_spool_folder(tmp_path: Path) -> None:
+    port = free_port()
+    env = serve_env(port, f"sqlite:///{tmp_path}/calls.db") | {"CALLBRIDGE_SPOOL_DIR": str(tmp_path / "nope")}
+    result = subprocess.run(
+        [CALLBRIDGE, "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert_one_error_line(result, f"spool folder {tmp_path}/nope", "CALLBRIDGE_SPOOL_DIR")
+
+
 def test_calls_list_with_a_refused_postgres() -> None:
     url = f"postgresql://callbridge:{SECRET}@127.0.0.1:{free_port()}/calls"
     result = cli("calls", "list", env=clean_env() | {"CALLBRIDGE_DATABASE_URL": url})

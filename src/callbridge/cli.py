@@ -109,13 +109,11 @@ async def _open_store(
 def _preflight(settings: Settings) -> None:
     """Open the database, set it up, close it: before uvicorn starts, so that a database
     that cannot be opened is one line and exit status 2, not a traceback from the lifespan."""
-    from callbridge.server.app import spool_path_for
-
     async def check() -> None:
         store = await _open_store(
             settings.database_url,
             instance=settings.instance_id,
-            spool_path=spool_path_for(settings.database_url),
+            spool_path=settings.spool_path(),
         )
         await store.close()
 

@@ -26,6 +26,7 @@ __all__ = [
 
 # A relative SQLite path (this one included) is resolved against the working directory
 # once, when the settings are read, and shown absolute in every message and log line.
+SPOOL_FILE = "callbridge-unsaved-records.jsonl"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///callbridge.db"
 SECRET_FIELDS = frozenset({"twilio_auth_token", "elevenlabs_api_key", "api_token"})
 
@@ -108,6 +109,7 @@ _VARS: dict[str, tuple[str, str]] = {
     "CALLBRIDGE_TOOL_TIMEOUT_SECONDS": ("tool_timeout", "pos_float"),
     "CALLBRIDGE_STREAM_CONNECT_TIMEOUT_SECONDS": ("stream_connect_timeout", "pos_float"),
     "CALLBRIDGE_INSTANCE_ID": ("instance_id", "str"),
+    "CALLBRIDGE_SPOOL_DIR": ("spool_dir", "str"),
     "CALLBRIDGE_FALLBACK_TWIML": ("fallback_twiml", "twiml"),
 }
 ENV_VARS: dict[str, str] = {field: var for var, (field, _kind) in _VARS.items()}
@@ -140,6 +142,8 @@ class Settings:
     fallback_twiml: str | None = None
     # Names this process in the records, so that a restart reconciles only its own calls.
     instance_id: str = field(default_factory=socket.gethostname)
+    # Where records that cannot be written yet wait (fsync'd), and refused ones are kept.
+    spool_dir: str | None = None
 
     def __repr__(self) -> str:
         shown = []
@@ -212,6 +216,15 @@ class Settings:
             hook_timeout=self.hook_timeout,
             tool_timeout=self.tool_timeout,
         )
+
+    def spool_path(self) -> str:
+        """The spool file: in `spool_dir`, else beside a SQLite file, else in the working
+        directory (made absolute now)."""
+        folder = self.spool_dir
+        if folder is None:
+            database = sqlite_path(self.database_url)
+            folder = os.path.dirname(database) if database is not None else os.getcwd()
+        return os.path.join(os.path.abspath(folder), SPOOL_FILE)
 
     def stream_url(self) -> str:
         """The `wss://` form of the public URL for `<Stream url>`."""

@@ -58,7 +58,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never, wait_exponential_jitter
 
 from callbridge.call import CallRecord
-from callbridge.config import redact_url
+from callbridge.config import SPOOL_FILE, redact_url
 
 __all__ = [
     "CallRow",
@@ -114,7 +114,6 @@ _RECORD_FIELDS = (
 _TIMES = ("started_at", "answered_at", "ended_at")
 _LOCK_KEY = 0x63616C6C  # pg_advisory_lock key of the schema migration ("call")
 MIGRATIONS = "callbridge:migrations"
-SPOOL_NAME = "callbridge-unsaved-records.jsonl"
 QUARANTINE_NAME = "callbridge-refused-records.jsonl"
 
 
@@ -371,7 +370,7 @@ class CallStore:
             kwargs["pool_pre_ping"] = True
             kwargs["pool_timeout"] = timeout
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
-        self.spool_path = spool_path or os.path.abspath(SPOOL_NAME)
+        self.spool_path = spool_path or os.path.abspath(SPOOL_FILE)
         self.quarantine_path = os.path.join(os.path.dirname(self.spool_path), QUARANTINE_NAME)
         self._pending: dict[str, list[Op]] = {}
         self._spooled: set[int] = set()  # ids of pending ops already in the spool file
@@ -415,6 +414,7 @@ class CallStore:
                     self.url,
                 )
             return
+        self._check_spool_folder()
         if migrate:
             try:
                 await asyncio.wait_for(self._migrate(), self.timeout * 6)
@@ -707,6 +707,16 @@ class CallStore:
         )
 
     # -- spool and quarantine ---------------------------------------------------------
+
+    def _check_spool_folder(self) -> None:
+        folder = os.path.dirname(self.spool_path)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            from callbridge.dberrors import DatabaseError
+
+            raise DatabaseError(
+                f"the spool folder {folder} (where records wait while the database is down) "
+                "is missing or not writable: create it or set CALLBRIDGE_SPOOL_DIR to a writable folder"
+            )
 
     def _spool_pending(self) -> None:
         """Append every queued operation not yet on disk to the spool (fsync'd)."""

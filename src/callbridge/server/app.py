@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
 import time
@@ -189,16 +188,6 @@ class AppState:
         return bool(self.validator.validate(url, dict(params), signature))
 
 
-def spool_path_for(database_url: str) -> str | None:
-    """Unsaved records go next to a SQLite file; elsewhere, the working directory."""
-    marker = ":///"
-    if database_url.startswith("sqlite") and marker in database_url:
-        path = database_url.split(marker, 1)[1]
-        if path and path != ":memory:":
-            return os.path.join(os.path.dirname(os.path.abspath(path)), "callbridge-unsaved-records.jsonl")
-    return None
-
-
 def connect_twiml(stream_url: str, params: Mapping[str, str]) -> str:
     response = VoiceResponse()
     connect = Connect()
@@ -310,7 +299,7 @@ def create_app(
         settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url
     )
     store = store or CallStore(
-        settings.database_url, instance=settings.instance_id, spool_path=spool_path_for(settings.database_url)
+        settings.database_url, instance=settings.instance_id, spool_path=settings.spool_path()
     )
     agent_factory = agent_factory or session_factory(
         ElevenLabsConfig(
