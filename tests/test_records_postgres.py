@@ -368,3 +368,27 @@ async def test_process_stopped_during_an_outage_keeps_every_record(
     assert_good_call(rows[ended.sid])  # its true end, not relabelled `shutdown` by recovery
     assert not [r for r in rows.values() if r["status"] == "active"]
     assert json.dumps(rows[ended.sid]).count("Goodbye!") == 1
+
+
+async def test_a_spool_the_database_refuses_is_quarantined_and_never_blocks_start(
+    tmp_path: Path, pg_url: str
+) -> None:
+    good = CallRecord(call_sid="CA" + "4" * 32, status="ended", end_reason="caller_hung_up")
+    # A NUL in a core column: PostgreSQL refuses the row even without its optional fields.
+    refused = CallRecord(call_sid="CA" + "5" * 32, status="ended", end_reason="agent\x00ended")
+    spool = tmp_path / "spool.jsonl"
+    lines = [
+        json.dumps({"op": "record", "call_sid": r.call_sid, "record": r.to_dict(), "instance": "old"})
+        for r in (refused, good)
+    ]
+    spool.write_text("this is not JSON\n" + "\n".join(lines) + "\n")
+    store = pg_store(pg_url, tmp_path)
+    await store.init()  # starts whatever the spool holds
+    assert await store.wait_written(10)
+    await store.close()
+    rows = await records_in_database(pg_url)
+    assert set(rows) == {good.call_sid} and rows[good.call_sid]["end_reason"] == "caller_hung_up"
+    quarantine = (tmp_path / "callbridge-refused-records.jsonl").read_text().splitlines()
+    assert quarantine[0] == "this is not JSON"
+    assert json.loads(quarantine[1])["call_sid"] == refused.call_sid
+    assert store.quarantined == 2 and not spool_exists(store)
