@@ -414,7 +414,6 @@ class CallStore:
                     self.url,
                 )
             return
-        self._check_spool_folder()
         if migrate:
             try:
                 await asyncio.wait_for(self._migrate(), self.timeout * 6)
@@ -422,6 +421,7 @@ class CallStore:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.engine.dispose(), self.timeout)
                 raise _start_error(exc, self.url) from None
+        self._check_spool_folder()  # after the database: a bad SQLite folder is named as such
         self._load_spool()
         self._writer_task = asyncio.ensure_future(self._writer())
         if self._pending:
