@@ -34,6 +34,7 @@ from callbridge.emulators.elevenlabs import (
 )
 from callbridge.emulators.speech import load_speech
 from callbridge.emulators.twilio import EmulatedCall, TwilioEmulator
+from callbridge.telephony.base import Destination
 from tests.conftest import make_bridge
 
 FAST = float("inf")
@@ -227,7 +228,7 @@ async def test_agent_failure_hangs_up_the_phone(twilio: TwilioEmulator, step: An
 async def test_agent_failure_redirects_to_fallback_when_configured(twilio: TwilioEmulator) -> None:
     fallback = "<Response><Say>Sorry, our assistant is unavailable.</Say><Dial>+15550009999</Dial></Response>"
     script = AgentScript(steps=[Say("Hello", seconds=0.2), Close(1011, "")], realtime_factor=FAST)
-    out = await bridged(twilio, script, options=CallOptions(fallback_twiml=fallback))
+    out = await bridged(twilio, script, options=CallOptions(fallback=Destination(instructions=fallback)))
     call, record = out.call, out.record
     assert record.end_reason == "agent_error"
     assert "fallback" in (record.end_detail or "")
@@ -474,13 +475,13 @@ async def test_rest_500_is_retried_and_404_is_taken_as_ended(twilio: TwilioEmula
     call, record = out.call, out.record
     assert len(hangup_requests(twilio, call.sid)) == 3  # 500, 503, then success
     assert call.status == "completed"
-    assert any(e["event"] == "twilio.hangup" and e["outcome"] == "completed" for e in record.timeline)
+    assert any(e["event"] == "phone.hangup" and e["outcome"] == "completed" for e in record.timeline)
 
     twilio.inject_fault("update", status=404, code=20404)
     out2 = await bridged(twilio, script)
     call2, record2 = out2.call, out2.record
     assert len(hangup_requests(twilio, call2.sid)) == 1  # not retried
-    assert any(e["event"] == "twilio.hangup" and e["outcome"] == "already_ended" for e in record2.timeline)
+    assert any(e["event"] == "phone.hangup" and e["outcome"] == "already_ended" for e in record2.timeline)
 
 
 async def test_stalled_agent_is_ended_by_max_duration_not_left_open(twilio: TwilioEmulator) -> None:

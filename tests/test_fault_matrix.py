@@ -294,9 +294,9 @@ async def test_twilio_stream_fault(twilio: TwilioEmulator, db_url: str, fault: s
         assert saved["metrics"]["telephony_warnings"] >= 1
     if expected == "telephony_error":
         # The stream broke but the phone call may still be up: the bridge hung it up.
-        assert any(e["event"] == "twilio.hangup" for e in saved["timeline"])
+        assert any(e["event"] == "phone.hangup" for e in saved["timeline"])
     if expected == "caller_hung_up":
-        assert not any(e["event"] == "twilio.hangup" for e in saved["timeline"])
+        assert not any(e["event"] == "phone.hangup" for e in saved["timeline"])
 
 
 @pytest.mark.database
@@ -361,16 +361,16 @@ async def test_rest_fault_at_hangup(twilio: TwilioEmulator, db_url: str, fault: 
         twilio, db_url, script_with("goodbye", []), "agent_ended", control=control
     )
     updates = [r for r in twilio.requests if r.form.get("Status") == "completed" and call.sid in r.path]
-    outcome = [e for e in saved["timeline"] if e["event"].startswith("twilio.hangup")]
+    outcome = [e for e in saved["timeline"] if e["event"].startswith("phone.hangup")]
     if fault in ("500_then_success", "429_retry_after", "timeout"):
         assert len(updates) == 2, updates  # one failure, one retry
-        assert outcome[-1]["event"] == "twilio.hangup"
+        assert outcome[-1]["event"] == "phone.hangup"
     if fault == "429_retry_after":
         assert updates[1].time - updates[0].time >= 0.95  # Retry-After: 1 was honoured
     if fault in ("404_20404", "400_21220"):
         assert len(updates) == 1 and outcome[-1]["outcome"] == "already_ended"
     if fault == "connection_refused":
-        assert outcome[-1]["event"] == "twilio.hangup_failed"
+        assert outcome[-1]["event"] == "phone.hangup_failed"
     # Whatever REST said, closing the media stream ended the phone call.
     assert call.status == "completed"
 

@@ -16,9 +16,20 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection, serve
 
 from callbridge.agents.base import AgentCallContext, AgentSession
-from callbridge.call import Call, CallHooks, CallOptions, CallRecord, CallState, EndReason, RecordSink, Tool
+from callbridge.call import (
+    Call,
+    CallHooks,
+    CallOptions,
+    CallRecord,
+    CallState,
+    EndReason,
+    RecordSink,
+    Tool,
+    context_from_stream,
+)
 from callbridge.logs import log_event
-from callbridge.telephony.base import CallControl, StreamInfo
+from callbridge.telephony.base import CallControl, StreamInfo, TelephonyLeg
+from callbridge.telephony.twilio.params import DYNAMIC_VARIABLE_PREFIX
 from callbridge.telephony.twilio.stream import TwilioMediaStream
 from callbridge.transport import MessageSocket, WebsocketsSocket
 
@@ -26,32 +37,12 @@ __all__ = ["DYNAMIC_VARIABLE_PREFIX", "Bridge", "BridgeStats", "default_context"
 
 log = logging.getLogger("callbridge.bridge")
 
-# Stream <Parameter>s named with this prefix become the agent's dynamic variables.
-DYNAMIC_VARIABLE_PREFIX = "dv_"
 # A Twilio media message is ~300 bytes; nothing legitimate comes close to this.
 MAX_MEDIA_STREAM_MESSAGE = 64 * 1024
 
 
-def default_context(info: StreamInfo) -> AgentCallContext:
-    """The agent's view of the call, from the stream's custom parameters.
-
-    Our TwiML sets `from`, `to`, `direction` and `dv_*`; anything else is ignored.
-    """
-    params = info.custom_parameters
-    dynamic = {
-        k[len(DYNAMIC_VARIABLE_PREFIX) :]: v
-        for k, v in params.items()
-        if k.startswith(DYNAMIC_VARIABLE_PREFIX) and len(k) > len(DYNAMIC_VARIABLE_PREFIX)
-    }
-    direction = params.get("direction", "inbound")
-    return AgentCallContext(
-        call_sid=info.call_sid,
-        stream_sid=info.stream_sid,
-        from_number=params.get("from") or None,
-        to_number=params.get("to") or None,
-        direction=direction if direction in ("inbound", "outbound") else "inbound",
-        dynamic_variables=dynamic,
-    )
+# The agent's view of a call: the carrier-neutral fields of its stream (the earlier name).
+default_context = context_from_stream
 
 
 @dataclass
@@ -75,7 +66,7 @@ class Bridge:
 
     def __init__(
         self,
-        agent_factory: Callable[[StreamInfo], AgentSession],
+        agent_factory: Callable[[AgentCallContext], AgentSession],
         control: CallControl | None,
         options: CallOptions | None = None,
         hooks: CallHooks | None = None,
@@ -83,6 +74,7 @@ class Bridge:
         sink: RecordSink | None = None,
         context_factory: Callable[[StreamInfo], AgentCallContext] = default_context,
         stream_validator: Callable[[StreamInfo], str | None] | None = None,
+        leg_factory: Callable[[MessageSocket], TelephonyLeg] | None = None,
     ) -> None:
         self.agent_factory = agent_factory
         self.control = control
@@ -93,6 +85,8 @@ class Bridge:
         self.context_factory = context_factory
         # Checks a stream's start (e.g. the per-call token); returns a reason to refuse.
         self.stream_validator = stream_validator
+        # The phone leg of an accepted connection: Twilio Media Streams unless told otherwise.
+        self.leg_factory = leg_factory or self._twilio_leg
         self.calls: dict[str, Call] = {}
         self.stats = BridgeStats()
         self.accepting = True
@@ -106,13 +100,14 @@ class Bridge:
     def _context(self, info: StreamInfo) -> AgentCallContext:
         return self.context_factory(info)
 
+    def _twilio_leg(self, socket: MessageSocket) -> TelephonyLeg:
+        timeout, validator = self.options.close_timeout, self.stream_validator
+        return TwilioMediaStream(socket, close_timeout=timeout, validator=validator)
+
     async def handle_media_stream(self, socket: MessageSocket) -> CallRecord:
-        """Run one call on an accepted media-stream WebSocket until it has ended."""
-        stream = TwilioMediaStream(
-            socket, close_timeout=self.options.close_timeout, validator=self.stream_validator
-        )
+        """Run one call on an accepted media-stream connection until it has ended."""
         call = Call(
-            telephony=stream,
+            telephony=self.leg_factory(socket),
             agent_factory=self.agent_factory,
             control=self.control,
             options=self.options,
@@ -120,7 +115,7 @@ class Bridge:
             tools=self.tools,
             sink=self.sink,
             context_factory=self._context,
-            on_state=self._on_call_state,
+            on_identified=self._on_identified,
         )
         key = f"pending-{next(self._ids)}"
         self.calls[key] = call
@@ -143,7 +138,7 @@ class Bridge:
             self._account(call, record)
         return record
 
-    def _on_call_state(self, call: Call) -> None:
+    def _on_identified(self, call: Call) -> None:
         # Re-key by call SID as soon as the stream says which call it is.
         sid = call.call_sid
         if sid is None or self.calls.get(sid) is call:

@@ -9,12 +9,15 @@ bounded in time and isolated from the others' failures:
 1. stop forwarding caller audio;
 2. if the agent ended the conversation, let its goodbye play: wait for the mark
    of the last agent chunk (bounded by the final-audio timeout);
-3. hang up the phone leg (or redirect it to the fallback TwiML after an agent
-   failure) unless the caller already hung up or the call was transferred;
-4. close the agent session; 5. close the media stream; then cancel what is left;
-6. persist the record; 7. run the `on_call_end` hooks; 8. log `call.ended`.
+3. the phone leg: hang it up, leave it, or hand it to the fallback destination;
+4. close the agent session; 5. close the media stream; 6. cancel what is left;
+7. finish the record; 8. persist it; 9. run the `on_call_end` hooks; 10. log
+   `call.ended`.
 
-This module knows no HTTP framework, no CLI and no vendor: only the interfaces.
+What steps 2 and 3 do for each end reason is data: `lifecycle.END_POLICY`. The
+states move only along `lifecycle.TRANSITIONS`; what is known of the phone call is
+one `PhoneLeg` status. This module knows no HTTP framework, no CLI and no vendor:
+only the interfaces.
 """
 
 from __future__ import annotations
@@ -24,10 +27,9 @@ import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
 from callbridge.agents.base import (
     AgentAudio,
@@ -49,12 +51,24 @@ from callbridge.audio import (
     telephony_to_agent,
     ulaw_peak,
 )
+from callbridge.hooks import CallHooks, Hook, Tool
+from callbridge.lifecycle import (
+    END_POLICY,
+    TRANSITIONS,
+    CallState,
+    EndReason,
+    IllegalTransition,
+    PhoneAction,
+    PhoneLeg,
+)
 from callbridge.logs import log_event
+from callbridge.record import CallRecord, RecordSink
 from callbridge.telephony.base import (
     CallControl,
     CallControlError,
     CallerAudio,
     CallerHungUp,
+    Destination,
     Dtmf,
     HangupOutcome,
     MarkPlayed,
@@ -72,38 +86,13 @@ __all__ = [
     "CallRecord",
     "CallState",
     "EndReason",
+    "PhoneLeg",
     "RecordSink",
     "Tool",
+    "context_from_stream",
 ]
 
 log = logging.getLogger("callbridge.call")
-
-
-class EndReason(StrEnum):
-    """Why a call ended. Stable names: part of the public API and of the records."""
-
-    AGENT_ENDED = "agent_ended"
-    CALLER_HUNG_UP = "caller_hung_up"
-    AGENT_ERROR = "agent_error"
-    AGENT_UNREACHABLE = "agent_unreachable"
-    MAX_DURATION = "max_duration"
-    SILENCE_TIMEOUT = "silence_timeout"
-    TRANSFERRED = "transferred"
-    HANGUP_REQUESTED = "hangup_requested"
-    SHUTDOWN = "shutdown"
-    TELEPHONY_ERROR = "telephony_error"
-    # The call was answered with stream TwiML but its media stream never connected.
-    NO_MEDIA_STREAM = "no_media_stream"
-
-
-class CallState(StrEnum):
-    CONNECTING = "connecting"
-    ACTIVE = "active"
-    ENDING = "ending"
-    ENDED = "ended"
-
-
-_AGENT_FAILURES = frozenset({EndReason.AGENT_ERROR, EndReason.AGENT_UNREACHABLE})
 
 
 @dataclass(frozen=True)
@@ -120,86 +109,29 @@ class CallOptions:
     tool_timeout: float = 20.0
     close_timeout: float = 3.0  # closing each socket
     persist_timeout: float = 10.0
-    fallback_twiml: str | None = None  # after an agent failure: redirect here instead of hanging up
+    # After an agent failure: hand the caller here (a person, a queue) instead of hanging up.
+    fallback: Destination | None = None
     silence_threshold: int = 600  # peak linear amplitude that counts as the caller speaking
     # An agent that sends nothing at all (not even its pings) for this long is stuck:
     # the caller would hear silence until max duration. ElevenLabs pings every few seconds.
     agent_idle_timeout: float | None = 60.0
 
 
-@dataclass
-class CallRecord:
-    """What is kept of a call: the database row and the JSON of the API."""
-
-    call_sid: str | None = None
-    stream_sid: str | None = None
-    conversation_id: str | None = None
-    direction: str = "inbound"
-    from_number: str | None = None
-    to_number: str | None = None
-    status: str = "active"
-    end_reason: str | None = None
-    end_detail: str | None = None
-    started_at: datetime | None = None
-    answered_at: datetime | None = None
-    ended_at: datetime | None = None
-    duration_s: float | None = None
-    transcript: list[dict[str, Any]] = field(default_factory=list)
-    timeline: list[dict[str, Any]] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    custom_parameters: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["from"] = out.pop("from_number")
-        out["to"] = out.pop("to_number")
-        for key in ("started_at", "answered_at", "ended_at"):
-            value = out[key]
-            out[key] = value.isoformat() if value is not None else None
-        return out
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CallRecord:
-        """The inverse of `to_dict` (records spooled to a file come back this way)."""
-        values = dict(data)
-        values["from_number"] = values.pop("from", None)
-        values["to_number"] = values.pop("to", None)
-        for key in ("started_at", "answered_at", "ended_at"):
-            if values.get(key):
-                values[key] = datetime.fromisoformat(values[key])
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
-class RecordSink(Protocol):
-    """Where records go (the database store); `save` is called at start and at end."""
-
-    async def save(self, record: CallRecord) -> None: ...
-
-
-Hook = Callable[..., Any]
-Tool = Callable[[dict[str, Any]], Any]
-
-
-@dataclass
-class CallHooks:
-    """User code run at points of a call. Each may be sync or async; one that
-    raises or overruns `hook_timeout` is logged and never breaks the call."""
-
-    on_call_start: list[Callable[[Call], Any]] = field(default_factory=list)
-    on_call_end: list[Callable[[CallRecord], Any]] = field(default_factory=list)
-    # Runs when the agent's end_call tool fires, before the hang-up: it may log,
-    # or redirect the call (`await call.transfer(twiml)`).
-    on_agent_end_call: list[Callable[[Call], Any]] = field(default_factory=list)
-    # Sync only (called inline, per transcript line): for live transcripts, dashboards.
-    on_transcript: list[Callable[[Call, dict[str, Any]], None]] = field(default_factory=list)
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def context_from_stream(info: StreamInfo) -> AgentCallContext:
+    """What the agent is told about the call: the carrier-neutral fields of the stream."""
+    return AgentCallContext(
+        call_sid=info.call_sid,
+        stream_sid=info.stream_sid,
+        from_number=info.from_number,
+        to_number=info.to_number,
+        direction=info.direction,
+        dynamic_variables=dict(info.variables),
+        agent_id=info.agent_id,
+    )
 
 
 class Call:
@@ -208,7 +140,7 @@ class Call:
     def __init__(
         self,
         telephony: TelephonyLeg,
-        agent_factory: Callable[[StreamInfo], AgentSession],
+        agent_factory: Callable[[AgentCallContext], AgentSession],
         control: CallControl | None,
         options: CallOptions | None = None,
         hooks: CallHooks | None = None,
@@ -216,6 +148,7 @@ class Call:
         sink: RecordSink | None = None,
         context_factory: Callable[[StreamInfo], AgentCallContext] | None = None,
         on_state: Callable[[Call], None] | None = None,
+        on_identified: Callable[[Call], None] | None = None,
     ) -> None:
         self.telephony = telephony
         self.agent: AgentSession | None = None
@@ -226,9 +159,11 @@ class Call:
         self.tools: Mapping[str, Tool] = tools or {}
         self.sink = sink
         self._context_factory = context_factory
-        self._on_state = on_state
+        self._on_state = on_state  # every state change
+        self._on_identified = on_identified  # the stream said which call it is
 
         self.state = CallState.CONNECTING
+        self.phone = PhoneLeg.UP
         self.record = CallRecord()
         self.info: StreamInfo | None = None
         self.ready: AgentReady | None = None
@@ -238,16 +173,16 @@ class Call:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._t0 = loop.time()
+        self._t_end = self._t0  # when teardown began
         self._end_requested = asyncio.Event()
         self._done = asyncio.Event()
-        self._marks_drained = asyncio.Event()
+        self._marks_drained = asyncio.Event()  # only `_sync_drained` sets or clears it
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: list[asyncio.TimerHandle] = []
         self._silence_timer: asyncio.TimerHandle | None = None
         self._forward_caller = False
         self._forward_agent = True
-        self._caller_gone = False  # the carrier told us the call is over
-        self._transferred = False
+        self._stream_open = True
         self._end_call_hooks_ran = False
         self._last_mark_at: float | None = None
         self._last_activity = loop.time()
@@ -305,8 +240,7 @@ class Call:
 
     def carrier_ended(self, detail: str) -> None:
         """The carrier reports the call over (e.g. a status callback): nothing to hang up."""
-        self._caller_gone = True
-        self._marks_drained.set()
+        self._phone_is(PhoneLeg.GONE)
         self.request_end(EndReason.CALLER_HUNG_UP, detail)
 
     async def end(self, reason: EndReason, detail: str = "") -> CallRecord:
@@ -319,13 +253,15 @@ class Call:
         await self._done.wait()
         return self.record
 
-    async def transfer(self, twiml: str, detail: str = "") -> None:
-        """Redirect the phone leg to other TwiML (a `<Dial>` to a person, a queue...)."""
+    async def transfer(self, to: str | Destination, detail: str = "") -> None:
+        """Hand the phone leg to a person (an E.164 number or a SIP URI) or another
+        `Destination`; the call then ends `transferred`."""
         if self.call_sid is None or self.control is None:
             raise CallControlError("the call cannot be transferred: no call control")
-        await self.control.redirect(self.call_sid, twiml)
-        self._transferred = True
-        self.request_end(EndReason.TRANSFERRED, detail or "redirected")
+        destination = to if isinstance(to, Destination) else Destination(to=to)
+        await self.control.redirect(self.call_sid, destination)
+        self._phone_is(PhoneLeg.TRANSFERRED)
+        self.request_end(EndReason.TRANSFERRED, detail or f"transferred to {destination.describe()}")
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -333,12 +269,32 @@ class Call:
         self.record.timeline.append({"t": round(self.elapsed, 3), "event": event, **data})
 
     def _set_state(self, state: CallState) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"call {self.call_sid}: {self.state.value} -> {state.value}")
         self.state = state
-        if self._on_state is not None:
+        self._notify(self._on_state)
+
+    def _notify(self, observer: Callable[[Call], None] | None) -> None:
+        if observer is not None:
             try:
-                self._on_state(self)
+                observer(self)
             except Exception:
-                log.exception("state observer failed")
+                log.exception("call observer failed")
+
+    def _phone_is(self, status: PhoneLeg) -> None:
+        """What is known of the phone call; once it is not up, it stays so."""
+        if self.phone is PhoneLeg.UP:
+            self.phone = status
+        self._sync_drained()
+
+    def _sync_drained(self) -> None:
+        """The goodbye wait is over when every mark sent was played, or nobody can hear
+        any more (the caller is gone, the stream closed). The one place it changes."""
+        heard = self.telephony.pending_marks == 0
+        if heard or self.phone is not PhoneLeg.UP or not self._stream_open:
+            self._marks_drained.set()
+        else:
+            self._marks_drained.clear()
 
     def _after(self, delay: float, callback: Callable[..., object], *args: object) -> None:
         """A timer (a loop handle, not a task); every one is cancelled at teardown."""
@@ -347,21 +303,22 @@ class Call:
     def _end_after(self, delay: float, reason: EndReason, detail: str) -> None:
         self._after(delay, self.request_end, reason, detail)
 
-    def _spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Awaitable[Any], name: str, leg: EndReason) -> asyncio.Task[Any]:
+        """A task of the call; if it crashes, the call ends with `leg` (the side it served)."""
         task = asyncio.ensure_future(coro)
         task.set_name(name)
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(lambda t: self._task_done(t, leg))
         return task
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
+    def _task_done(self, task: asyncio.Task[Any], leg: EndReason) -> None:
         self._tasks.discard(task)
         if task.cancelled():
             return
         exc = task.exception()
         if exc is not None:
             log.error("task %s of call %s failed: %r", task.get_name(), self.call_sid, exc, exc_info=exc)
-            self.request_end(EndReason.TELEPHONY_ERROR, f"internal error in {task.get_name()}: {exc!r}")
+            self.request_end(leg, f"internal error in {task.get_name()}: {exc!r}")
 
     async def run(self) -> CallRecord:
         """Bridge the call until it ends; returns the final record. Never raises,
@@ -394,16 +351,11 @@ class Call:
             self.request_end(EndReason.TELEPHONY_ERROR, str(exc))
             return
         self.info = info
-        self._set_state(CallState.CONNECTING)  # observers learn the call SID now
+        self._notify(self._on_identified)
         rec = self.record
         rec.call_sid, rec.stream_sid = info.call_sid, info.stream_sid
-        # cb_* parameters are the bridge's own (the stream token): never kept in records.
-        rec.custom_parameters = {k: v for k, v in info.custom_parameters.items() if not k.startswith("cb_")}
-        ctx = (
-            self._context_factory(info)
-            if self._context_factory
-            else AgentCallContext(call_sid=info.call_sid, stream_sid=info.stream_sid)
-        )
+        rec.custom_parameters = dict(info.recorded_parameters)  # the carrier says what may be kept
+        ctx = self._context_factory(info) if self._context_factory else context_from_stream(info)
         rec.direction = ctx.direction
         rec.from_number, rec.to_number = ctx.from_number, ctx.to_number
         self._mark("call.started")
@@ -425,11 +377,13 @@ class Call:
             EndReason.MAX_DURATION,
             f"call exceeded {self.options.max_call_seconds:g}s",
         )
-        self._spawn(self._read_telephony(), "telephony-reader")
+        self._spawn(self._read_telephony(), "telephony-reader", EndReason.TELEPHONY_ERROR)
         if self._end_requested.is_set():
             return
 
-        connect = self._connect_task = self._spawn(self._connect_agent(info, ctx), "agent-connect")
+        connect = self._connect_task = self._spawn(
+            self._connect_agent(ctx), "agent-connect", EndReason.AGENT_UNREACHABLE
+        )
         ended = asyncio.ensure_future(self._end_requested.wait())
         try:
             await asyncio.wait({connect, ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -439,10 +393,10 @@ class Call:
             return
         await self._end_requested.wait()
 
-    async def _connect_agent(self, info: StreamInfo, ctx: AgentCallContext) -> None:
+    async def _connect_agent(self, ctx: AgentCallContext) -> None:
         t = self._loop.time()
         try:
-            self.agent = self._agent_factory(info)
+            self.agent = self._agent_factory(ctx)
             async with asyncio.timeout(self.options.agent_connect_timeout):
                 ready = await self.agent.connect(ctx)
             self._to_agent = telephony_to_agent(parse_format(ready.input_format))
@@ -482,7 +436,7 @@ class Call:
             self._arm_silence_timer(self.options.silence_timeout)
         if self.options.agent_idle_timeout:
             self._after(self.options.agent_idle_timeout, self._agent_idle_check)
-        self._spawn(self._read_agent(), "agent-reader")
+        self._spawn(self._read_agent(), "agent-reader", EndReason.AGENT_ERROR)
 
     # -- caller side ---------------------------------------------------------
 
@@ -510,15 +464,15 @@ class Call:
             elif type(event) is MarkPlayed:
                 self._on_mark(event)
             elif type(event) is CallerHungUp:
-                self._caller_gone = True
-                self._marks_drained.set()
+                self._phone_is(PhoneLeg.GONE)
                 self._mark("caller.stop")
                 self.request_end(EndReason.CALLER_HUNG_UP, event.detail or "stop received")
             elif type(event) is TelephonyClosed:
-                self._marks_drained.set()
+                self._stream_open = False
+                self._sync_drained()
                 if not event.by_bridge:
                     self._mark("telephony.closed", code=event.code)
-                    if not self._caller_gone:
+                    if self.phone is PhoneLeg.UP:
                         detail = (
                             f"media stream closed without stop (code {event.code}"
                             f"{': ' + event.reason if event.reason else ''})"
@@ -533,19 +487,19 @@ class Call:
             elif type(event) is TelephonyWarning:
                 m["telephony_warnings"] += 1
                 log_event(
-                    log, "twilio.bad_input", logging.WARNING, call_sid=self.call_sid, problem=event.reason
+                    log, "phone.bad_input", logging.WARNING, call_sid=self.call_sid, problem=event.reason
                 )
 
     def _on_mark(self, event: MarkPlayed) -> None:
         if not event.known:
             self.metrics["telephony_warnings"] += 1
-            log_event(log, "twilio.unknown_mark", logging.WARNING, call_sid=self.call_sid, mark=event.name)
+            log_event(log, "phone.unknown_mark", logging.WARNING, call_sid=self.call_sid, mark=event.name)
             return
         now = self._loop.time()
         self._last_activity = now
         if self.telephony.pending_marks == 0:
             self._last_mark_at = now
-            self._marks_drained.set()
+        self._sync_drained()
 
     def _arm_silence_timer(self, delay: float) -> None:
         self._silence_timer = self._loop.call_later(delay, self._silence_check)
@@ -595,7 +549,7 @@ class Call:
                     await self.telephony.send_audio(out)
                     m["audio_to_caller_bytes"] += len(out)
                 m["chunks_to_caller"] += 1
-                self._marks_drained.clear()
+                self._sync_drained()
             elif type(event) is AgentInterrupted:
                 m["interruptions"] += 1
                 self._mark("agent.interrupted")
@@ -606,7 +560,7 @@ class Call:
                 self._on_transcript(event)
             elif type(event) is ToolCallRequest:
                 m["tool_calls"] += 1
-                self._spawn(self._run_tool(agent, event), f"tool-{event.name}")
+                self._spawn(self._run_tool(agent, event), f"tool-{event.name}", EndReason.AGENT_ERROR)
             elif type(event) is AgentToolUsed:
                 self._mark("agent.tool", name=event.name, is_error=event.is_error)
                 if event.ends_call:
@@ -636,7 +590,7 @@ class Call:
         if tail:
             await self.telephony.send_audio(tail)
             self.metrics["audio_to_caller_bytes"] += len(tail)
-            self._marks_drained.clear()
+            self._sync_drained()
 
     def _on_transcript(self, event: AgentTranscript) -> None:
         entry = {"role": event.role, "text": event.text, "t": round(self.elapsed, 3)}
@@ -733,7 +687,7 @@ class Call:
         self.end_reason = reason
         self._set_state(CallState.ENDING)
         self._forward_caller = False
-        t_end = self._loop.time()
+        self._t_end = self._loop.time()
         self._mark("call.ending", reason=reason.value)
         log_event(
             log,
@@ -752,61 +706,35 @@ class Call:
             self._connect_task.cancel()
             await asyncio.gather(self._connect_task, return_exceptions=True)
 
-        for step in (self._step_final_audio, self._step_phone_leg, self._step_close_agent):
+        policy = END_POLICY[reason]
+        steps: tuple[Callable[[EndReason], Awaitable[None]], ...] = (
+            self._step_final_audio,  # 2
+            self._step_phone_leg,  # 3
+            self._step_close_agent,  # 4
+            self._step_close_stream,  # 5
+            self._step_cancel_tasks,  # 6
+            self._step_finish_record,  # 7
+            self._step_persist,  # 8
+            self._step_end_hooks,  # 9
+            self._step_log_end,  # 10
+        )
+        if not policy.play_goodbye:
+            steps = steps[1:]
+        for step in steps:
             try:
                 await step(reason)
             except Exception:
                 log.exception("teardown step %s of call %s failed", step.__name__, self.call_sid)
-        try:
-            await asyncio.wait_for(self.telephony.close(), self.options.close_timeout)
-        except Exception:
-            log.warning("closing the media stream of call %s failed", self.call_sid)
-        await self._cancel_tasks()
-
-        rec = self.record
-        rec.status = "ended"
-        rec.end_reason = reason.value
-        rec.end_detail = self.end_detail or None
-        rec.ended_at = _now()
-        if rec.started_at is not None:
-            rec.duration_s = round((rec.ended_at - rec.started_at).total_seconds(), 3)
-        protocol = getattr(self.agent, "protocol", None)
-        if protocol is not None:
-            self.metrics["stale_audio_dropped"] = getattr(protocol, "stale_audio_dropped", 0)
-        self.metrics["teardown_ms"] = round((self._loop.time() - t_end) * 1000, 1)
-        rec.metrics = dict(self.metrics)
-        self._mark("call.ended", reason=reason.value)
-        self._set_state(CallState.ENDED)
-        if self.info is None:
-            # No verified call behind this stream: nothing to persist, no call hooks.
-            log_event(log, "stream.refused", logging.WARNING, detail=self.end_detail or None)
-            self._done.set()
-            return
-        await self._persist("end")
-        for hook in self.hooks.on_call_end:
-            await self._run_hook("on_call_end", hook, rec)
-        log_event(
-            log,
-            "call.ended",
-            call_sid=self.call_sid,
-            conversation_id=self.conversation_id,
-            reason=reason.value,
-            detail=self.end_detail or None,
-            duration_s=rec.duration_s,
-            agent_connect_ms=self.metrics["agent_connect_ms"],
-            hangup_latency_ms=self.metrics["hangup_latency_ms"],
-        )
         self._done.set()
 
     async def _step_final_audio(self, reason: EndReason) -> None:
-        if reason is not EndReason.AGENT_ENDED or self._caller_gone or not self.telephony.is_open:
+        if self.phone is not PhoneLeg.UP or not self.telephony.is_open:
             return
         # Audio the agent sends from now on would not be heard in full: stop taking it,
         # so that the last mark sent is the last one we wait for.
         self._forward_agent = False
         if self.telephony.pending_marks == 0:
             return
-        # pending_marks > 0 implies the event was cleared after the last chunk was sent.
         t = self._loop.time()
         try:
             await asyncio.wait_for(self._marks_drained.wait(), self.options.final_audio_timeout)
@@ -822,45 +750,93 @@ class Call:
 
     async def _step_phone_leg(self, reason: EndReason) -> None:
         call_sid = self.call_sid
-        if call_sid is None or self.control is None:
+        action = END_POLICY[reason].phone
+        if call_sid is None or self.control is None or self.phone is not PhoneLeg.UP:
+            return  # no verified call, nothing to control it with, or not ours to end
+        if action is PhoneAction.LEAVE:
             return
-        if self._caller_gone or self._transferred or reason is EndReason.TRANSFERRED:
-            return
-        fallback = self.options.fallback_twiml
-        if reason in _AGENT_FAILURES and fallback:
+        fallback = self.options.fallback
+        if action is PhoneAction.FALLBACK and fallback is not None:
             try:
                 await self.control.redirect(call_sid, fallback)
-                self._mark("twilio.redirect", to="fallback")
-                log_event(log, "twilio.redirect", call_sid=call_sid, to="fallback")
+                self._phone_is(PhoneLeg.TRANSFERRED)
+                self._mark("phone.redirect", to="fallback")
+                log_event(log, "phone.redirect", call_sid=call_sid, to="fallback")
                 self.end_detail = f"{self.end_detail} (redirected to fallback)".strip()
                 return
             except CallControlError as exc:
-                log_event(log, "twilio.redirect_failed", logging.ERROR, call_sid=call_sid, error=str(exc))
+                log_event(log, "phone.redirect_failed", logging.ERROR, call_sid=call_sid, error=str(exc))
                 # fall through: a caller in silence is worse than a dropped call
         t = self._loop.time()
-        if self._last_mark_at is not None and reason is EndReason.AGENT_ENDED:
+        if self._last_mark_at is not None and END_POLICY[reason].play_goodbye:
             self.metrics["hangup_latency_ms"] = round((t - self._last_mark_at) * 1000, 1)
         try:
             outcome = await self.control.hangup(call_sid)
         except CallControlError as exc:
-            self._mark("twilio.hangup_failed", error=str(exc))
-            log_event(log, "twilio.hangup_failed", logging.ERROR, call_sid=call_sid, error=str(exc))
+            self._mark("phone.hangup_failed", error=str(exc))
+            log_event(log, "phone.hangup_failed", logging.ERROR, call_sid=call_sid, error=str(exc))
             return
-        self._mark("twilio.hangup", outcome=outcome.value)
+        self._mark("phone.hangup", outcome=outcome.value)
         log_event(
             log,
-            "twilio.hangup",
+            "phone.hangup",
             call_sid=call_sid,
             outcome=outcome.value,
             request_ms=round((self._loop.time() - t) * 1000, 1),
             after_last_mark_ms=self.metrics["hangup_latency_ms"],
         )
-        if outcome is HangupOutcome.ALREADY_ENDED:
-            self._caller_gone = True
+        self._phone_is(PhoneLeg.GONE if outcome is HangupOutcome.ALREADY_ENDED else PhoneLeg.HUNG_UP)
 
     async def _step_close_agent(self, reason: EndReason) -> None:
         if self.agent is not None:
-            await asyncio.wait_for(self.agent.close(), self.options.close_timeout)
+            code = END_POLICY[reason].agent_close_code
+            await asyncio.wait_for(self.agent.close(code), self.options.close_timeout)
+
+    async def _step_close_stream(self, reason: EndReason) -> None:
+        await asyncio.wait_for(self.telephony.close(), self.options.close_timeout)
+
+    async def _step_cancel_tasks(self, reason: EndReason) -> None:
+        await self._cancel_tasks()
+
+    async def _step_finish_record(self, reason: EndReason) -> None:
+        rec = self.record
+        rec.status = "ended"
+        rec.end_reason = reason.value
+        rec.end_detail = self.end_detail or None
+        rec.ended_at = _now()
+        if rec.started_at is not None:
+            rec.duration_s = round((rec.ended_at - rec.started_at).total_seconds(), 3)
+        if self.agent is not None:
+            self.metrics.update(self.agent.stats())
+        self.metrics["teardown_ms"] = round((self._loop.time() - self._t_end) * 1000, 1)
+        rec.metrics = dict(self.metrics)
+        self._mark("call.ended", reason=reason.value)
+        self._set_state(CallState.ENDED)
+
+    async def _step_persist(self, reason: EndReason) -> None:
+        await self._persist("end")
+
+    async def _step_end_hooks(self, reason: EndReason) -> None:
+        if self.info is None:
+            return  # no verified call behind this stream: no call hooks
+        for hook in self.hooks.on_call_end:
+            await self._run_hook("on_call_end", hook, self.record)
+
+    async def _step_log_end(self, reason: EndReason) -> None:
+        if self.info is None:
+            log_event(log, "stream.refused", logging.WARNING, detail=self.end_detail or None)
+            return
+        log_event(
+            log,
+            "call.ended",
+            call_sid=self.call_sid,
+            conversation_id=self.conversation_id,
+            reason=reason.value,
+            detail=self.end_detail or None,
+            duration_s=self.record.duration_s,
+            agent_connect_ms=self.metrics["agent_connect_ms"],
+            hangup_latency_ms=self.metrics["hangup_latency_ms"],
+        )
 
     async def _cancel_tasks(self) -> None:
         me = asyncio.current_task()

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from callbridge.call import CallOptions
+from callbridge.telephony.base import Destination
 
 __all__ = [
     "ConfigError",
@@ -211,7 +212,7 @@ class Settings:
             max_call_seconds=self.max_call_seconds,
             silence_timeout=self.silence_timeout,
             final_audio_timeout=self.final_audio_timeout,
-            fallback_twiml=self.fallback_twiml,
+            fallback=Destination(instructions=self.fallback_twiml) if self.fallback_twiml else None,
             agent_idle_timeout=self.agent_idle_timeout,
             hook_timeout=self.hook_timeout,
             tool_timeout=self.tool_timeout,

@@ -41,6 +41,7 @@ class AgentCallContext:
     to_number: str | None = None
     direction: str = "inbound"
     dynamic_variables: Mapping[str, str | int | float | bool] = field(default_factory=dict)
+    agent_id: str | None = None  # a per-call choice of agent; None: the session's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +133,8 @@ class AgentSession(Protocol):
 
     async def send_tool_result(self, call_id: str, result: str, is_error: bool) -> None: ...
 
-    async def close(self) -> None:
-        """Close normally (1000) if still open; idempotent, bounded in time."""
+    async def close(self, code: int = 1000) -> None:
+        """Close (normally: 1000) if still open; idempotent, bounded in time."""
         ...
 
     @property
@@ -142,4 +143,8 @@ class AgentSession(Protocol):
     @property
     def last_received(self) -> float:
         """Event-loop time of the last frame from the agent (pings included)."""
+        ...
+
+    def stats(self) -> Mapping[str, int]:
+        """The session's own counters, kept in the call's metrics (e.g. stale audio dropped)."""
         ...

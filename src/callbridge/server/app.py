@@ -32,7 +32,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from twilio.request_validator import RequestValidator
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
-from callbridge.agents.base import AgentSession
+from callbridge.agents.base import AgentCallContext, AgentSession
 from callbridge.agents.elevenlabs.session import ElevenLabsConfig, session_factory
 from callbridge.bridge import DYNAMIC_VARIABLE_PREFIX, Bridge
 from callbridge.call import CallHooks, EndReason, Tool
@@ -289,7 +289,7 @@ def _histogram(name: str, doc: str, values: list[float], bounds: tuple[float, ..
 def create_app(
     settings: Settings,
     *,
-    agent_factory: Callable[[StreamInfo], AgentSession] | None = None,
+    agent_factory: Callable[[AgentCallContext], AgentSession] | None = None,
     control: CallControl | None = None,
     store: CallStore | None = None,
     hooks: CallHooks | None = None,

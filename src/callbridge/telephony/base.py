@@ -1,13 +1,15 @@
 """The phone side of a call, as the `Call` sees it, whatever the carrier.
 
 `TelephonyLeg` is the media stream of one call (Twilio Media Streams first;
-Telnyx, Plivo, Vonage later). `CallControl` is the carrier's REST control of
-calls (hang up, redirect). Its `events()` stream ends with one `TelephonyClosed`.
+Telnyx, Plivo, Vonage later); its `events()` stream ends with one `TelephonyClosed`.
+`CallControl` is the carrier's REST control of calls (hang up, hand the call to a
+`Destination`, place a call, read its status). Nothing here names a carrier: each
+adapter reads its own parameters into the neutral fields of `StreamInfo`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -17,9 +19,11 @@ __all__ = [
     "CallControlError",
     "CallerAudio",
     "CallerHungUp",
+    "Destination",
     "Dtmf",
     "HangupOutcome",
     "MarkPlayed",
+    "PlacedCall",
     "StreamInfo",
     "TelephonyClosed",
     "TelephonyError",
@@ -39,11 +43,43 @@ class CallControlError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class StreamInfo:
+    """Who the media stream belongs to. The first fields are what the stream said; the
+    rest is what the carrier's adapter read from its own parameters, in neutral terms."""
+
     stream_sid: str
     call_sid: str
-    account_sid: str
-    custom_parameters: dict[str, str] = field(default_factory=dict)
+    account_sid: str | None = None
+    custom_parameters: dict[str, str] = field(default_factory=dict)  # as sent (the adapter's own)
     tracks: tuple[str, ...] = ("inbound",)
+    from_number: str | None = None
+    to_number: str | None = None
+    direction: str = "inbound"  # "inbound" | "outbound"
+    agent_id: str | None = None  # a per-call choice of agent, if the call carried one
+    variables: Mapping[str, str] = field(default_factory=dict)  # for the agent (dynamic variables)
+    recorded_parameters: Mapping[str, str] = field(default_factory=dict)  # may be kept in records
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where a live call is handed: a person (an E.164 number or a SIP URI), or the
+    carrier's own call instructions for it (Twilio: TwiML) for anything else."""
+
+    to: str | None = None
+    caller_id: str | None = None
+    instructions: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.to and not self.instructions:
+            raise ValueError("a Destination needs a number or SIP URI (to) or instructions")
+
+    def describe(self) -> str:
+        return self.to or "the fallback instructions"
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedCall:
+    call_sid: str
+    status: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +172,20 @@ class CallControl(Protocol):
         """End the call; idempotent. Raises `CallControlError` after bounded retries."""
         ...
 
-    async def redirect(self, call_sid: str, twiml: str) -> None:
-        """Replace the call's TwiML (transfer, fallback). Raises `CallControlError`."""
+    async def redirect(self, call_sid: str, destination: Destination) -> None:
+        """Hand the live call to `destination` (transfer, fallback). Raises `CallControlError`."""
+        ...
+
+    async def place_call(
+        self,
+        to: str,
+        from_: str,
+        stream_url: str,
+        parameters: Mapping[str, str],
+        status_url: str | None = None,
+    ) -> PlacedCall:
+        """Place an outbound call whose media stream connects to `stream_url` with
+        `parameters`. Never retried (a retry could ring a person twice)."""
         ...
 
     async def fetch_status(self, call_sid: str) -> str | None:

@@ -22,7 +22,6 @@ from callbridge.agents.base import (
     AgentUnreachable,
 )
 from callbridge.agents.elevenlabs.protocol import ElevenLabsProtocol, close_outcome
-from callbridge.telephony.base import StreamInfo
 from callbridge.wsclient import AgentSocket, connect
 
 __all__ = ["ElevenLabsConfig", "ElevenLabsSession", "session_factory", "websocket_base"]
@@ -82,6 +81,9 @@ class ElevenLabsSession:
     @property
     def last_received(self) -> float:
         return self._last_received
+
+    def stats(self) -> dict[str, int]:
+        return {"stale_audio_dropped": self.protocol.stale_audio_dropped}
 
     @property
     def conversation_id(self) -> str | None:
@@ -233,14 +235,14 @@ class ElevenLabsSession:
         except ConnectionClosed:
             self._open = False
 
-    async def close(self) -> None:
+    async def close(self, code: int = 1000) -> None:
         ws = self._ws
         if ws is None:
             return
         self._closing = True
         self._open = False
         try:
-            await asyncio.wait_for(ws.close(1000, "call ended"), self.config.close_timeout + 0.5)
+            await asyncio.wait_for(ws.close(code, "call ended"), self.config.close_timeout + 0.5)
         except (TimeoutError, OSError):
             pass
         finally:
@@ -256,11 +258,11 @@ class ElevenLabsSession:
 
 def session_factory(
     config: ElevenLabsConfig, http: httpx.AsyncClient | None = None
-) -> Callable[[StreamInfo], ElevenLabsSession]:
-    """A session per call; a stream parameter `agent_id` picks another agent for that call."""
+) -> Callable[[AgentCallContext], ElevenLabsSession]:
+    """A session per call; the call's `agent_id`, if it carries one, picks another agent."""
 
-    def make(info: StreamInfo) -> ElevenLabsSession:
-        agent_id = info.custom_parameters.get("agent_id") or config.agent_id
+    def make(context: AgentCallContext) -> ElevenLabsSession:
+        agent_id = context.agent_id or config.agent_id
         cfg = config if agent_id == config.agent_id else replace(config, agent_id=agent_id)
         return ElevenLabsSession(cfg, http)
 

@@ -13,7 +13,7 @@ import asyncio
 import contextvars
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -29,9 +29,12 @@ from twilio.rest import Client
 # Imported here, at start-up, instead.
 import twilio.rest.api.v2010.account.call  # noqa: F401  isort: skip
 
-from callbridge.telephony.base import CallControlError, HangupOutcome
+from callbridge.telephony.base import CallControlError, Destination, HangupOutcome, PlacedCall
+from callbridge.telephony.twilio.twiml import connect_twiml, dial_twiml
 
 __all__ = ["ALREADY_ENDED_CODES", "OutboundCall", "RetryPolicy", "TwilioCallControl"]
+
+OutboundCall = PlacedCall  # the earlier name
 
 log = logging.getLogger("callbridge.twilio")
 
@@ -67,12 +70,6 @@ class RetryPolicy:
     deadline: float = 12.0  # all attempts together
     base_delay: float = 0.25
     max_delay: float = 4.0
-
-
-@dataclass(frozen=True)
-class OutboundCall:
-    call_sid: str
-    status: str
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -175,7 +172,11 @@ class TwilioCallControl:
 
         return await self._with_retries(f"hangup of {call_sid}", op)
 
-    async def redirect(self, call_sid: str, twiml: str) -> None:
+    async def redirect(self, call_sid: str, destination: Destination) -> None:
+        """Hand the call to `destination`: its TwiML as given, or a `<Dial>` to its
+        number or SIP URI (with its caller ID)."""
+        twiml = destination.instructions or dial_twiml(destination)
+
         async def op() -> None:
             await self.client.calls(call_sid).update_async(twiml=twiml)
 
@@ -195,13 +196,24 @@ class TwilioCallControl:
 
         return await self._with_retries(f"fetch of {call_sid}", op)
 
+    async def place_call(
+        self,
+        to: str,
+        from_: str,
+        stream_url: str,
+        parameters: Mapping[str, str],
+        status_url: str | None = None,
+    ) -> PlacedCall:
+        """Place an outbound call answered with `<Connect><Stream>` to the bridge."""
+        return await self.create_call(to, from_, connect_twiml(stream_url, parameters), status_url)
+
     async def create_call(
         self,
         to: str,
         from_: str,
         twiml: str,
         status_callback: str | None = None,
-    ) -> OutboundCall:
+    ) -> PlacedCall:
         """Place an outbound call whose TwiML connects it to the bridge.
 
         Not retried on 5xx: a create that timed out may have placed the call, and
@@ -218,4 +230,4 @@ class TwilioCallControl:
             )
         except (TwilioRestException, TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise CallControlError(f"outbound call to {to} failed: {_describe(exc)}") from exc
-        return OutboundCall(call_sid=str(call.sid), status=str(call.status))
+        return PlacedCall(call_sid=str(call.sid), status=str(call.status))

@@ -15,6 +15,7 @@ from callbridge.telephony.base import (
     TelephonyEvent,
     TelephonyWarning,
 )
+from callbridge.telephony.twilio.params import read_stream_parameters
 from callbridge.telephony.twilio.protocol import Connected, TwilioStreamProtocol
 from callbridge.transport import MessageSocket, SocketClosed
 
@@ -60,6 +61,7 @@ class TwilioMediaStream:
                 raise TelephonyError(f"media stream closed before start ({exc.code})") from None
             event = self.protocol.receive(frame)
             if isinstance(event, StreamInfo):
+                event = read_stream_parameters(event)
                 problem = self._validator(event) if self._validator is not None else None
                 if problem is not None:
                     await self._refuse(problem)
