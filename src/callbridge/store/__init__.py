@@ -25,320 +25,58 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
-from sqlalchemy import (
-    JSON,
-    Connection,
-    DateTime,
-    Float,
-    Index,
-    String,
-    Table,
-    Text,
-    func,
-    insert,
-    select,
-    update,
-)
+from sqlalchemy import insert, update
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy import text as sql_text
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never, wait_exponential_jitter
 
-from callbridge.call import CallRecord
 from callbridge.config import SPOOL_FILE, redact_url
+from callbridge.record import CallRecord
+from callbridge.store.files import QUARANTINE_NAME, append_lines, iter_spool
+from callbridge.store.migrate import migrate as migrate_schema
+from callbridge.store.ops import Op, apply_op, is_transient
+from callbridge.store.reads import Page, Reads, StoreUnavailable, short
+from callbridge.store.schema import CALLS, CORE_COLUMNS, EMPTY_JSON, OPTIONAL_COLUMNS, CallRow, row_to_dict
 
 __all__ = [
     "CallRow",
     "CallStore",
     "Page",
     "StoreUnavailable",
+    "apply_op",
     "is_transient",
+    "iter_spool",
+    "row_to_dict",
     "upgrade_database",
 ]
 
 ListOfDicts = list[dict[str, Any]]
 T = TypeVar("T")
-Op = dict[str, Any]
 
 log = logging.getLogger("callbridge.store")
-
-# Columns every row has a value for; a record the database refuses is written with these
-# first, then the others one by one.
-CORE_COLUMNS = (
-    "direction",
-    "status",
-    "end_reason",
-    "twilio_status",
-    "started_at",
-    "answered_at",
-    "ended_at",
-    "duration_s",
-    "instance",
-    "updated_at",
-)
-OPTIONAL_COLUMNS = (
-    "stream_sid",
-    "conversation_id",
-    "from_number",
-    "to_number",
-    "end_detail",
-    "transcript",
-    "timeline",
-    "twilio_events",
-    "metrics",
-)
-# What a refused JSON column is written as (they are NOT NULL).
-_EMPTY: dict[str, Any] = {"transcript": [], "timeline": [], "twilio_events": [], "metrics": {}}
-_RECORD_FIELDS = (
-    "stream_sid",
-    "conversation_id",
-    "direction",
-    "status",
-    "end_reason",
-    "end_detail",
-    "duration_s",
-)
-_TIMES = ("started_at", "answered_at", "ended_at")
-_LOCK_KEY = 0x63616C6C  # pg_advisory_lock key of the schema migration ("call")
-MIGRATIONS = "callbridge:migrations"
-QUARANTINE_NAME = "callbridge-refused-records.jsonl"
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class CallRow(Base):
-    """The `calls` table as the migrations leave it (head revision)."""
-
-    __tablename__ = "calls"
-
-    call_sid: Mapped[str] = mapped_column(Text, primary_key=True)
-    stream_sid: Mapped[str | None] = mapped_column(Text)
-    conversation_id: Mapped[str | None] = mapped_column(Text)
-    direction: Mapped[str] = mapped_column(Text, default="inbound")
-    from_number: Mapped[str | None] = mapped_column(Text)
-    to_number: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(Text, default="active")
-    end_reason: Mapped[str | None] = mapped_column(Text)
-    end_detail: Mapped[str | None] = mapped_column(Text)
-    twilio_status: Mapped[str | None] = mapped_column(Text)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    duration_s: Mapped[float | None] = mapped_column(Float)
-    transcript: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    timeline: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    # Status callbacks, kept apart: they may arrive while the call's own record is written.
-    twilio_events: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    instance: Mapped[str | None] = mapped_column(String)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=lambda: datetime.now(UTC))
-    refused_fields: Mapped[str | None] = mapped_column(Text)
-
-    __table_args__ = (
-        Index("ix_calls_status", "status"),
-        Index("ix_calls_started_at", "started_at"),
-        Index("ix_calls_end_reason", "end_reason"),
-    )
-
-
-CALLS = cast(Table, CallRow.__table__)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:  # SQLite hands back naive datetimes
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-def _time(value: Any) -> datetime | None:
-    if value is None or isinstance(value, datetime):
-        return _aware(value)
-    return _aware(datetime.fromisoformat(str(value)))
-
-
-def row_to_dict(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A row's columns as the API and the CLI show a record."""
-
-    def iso(value: datetime | None) -> str | None:
-        value = _aware(value)
-        return value.isoformat() if value is not None else None
-
-    refused = row.get("refused_fields")
-    return {
-        "call_sid": row["call_sid"],
-        "stream_sid": row.get("stream_sid"),
-        "conversation_id": row.get("conversation_id"),
-        "direction": row.get("direction"),
-        "from": row.get("from_number"),
-        "to": row.get("to_number"),
-        "status": row.get("status"),
-        "end_reason": row.get("end_reason"),
-        "end_detail": row.get("end_detail"),
-        "twilio_status": row.get("twilio_status"),
-        "twilio_events": row.get("twilio_events") or [],
-        "started_at": iso(row.get("started_at")),
-        "answered_at": iso(row.get("answered_at")),
-        "ended_at": iso(row.get("ended_at")),
-        "duration_s": row.get("duration_s"),
-        "transcript": row.get("transcript") or [],
-        "timeline": row.get("timeline") or [],
-        "metrics": row.get("metrics") or {},
-        "refused_fields": refused.split(",") if refused else [],
-    }
-
-
-# -- operations: what a write does to a row, as plain data (they are spooled as JSON) -------
-
-
-def _new_row(call_sid: str, op: Op) -> dict[str, Any]:
-    return {
-        "call_sid": call_sid,
-        "direction": "inbound",
-        "status": "active",
-        "started_at": _time(op.get("at")),
-        "transcript": [],
-        "timeline": [],
-        "twilio_events": [],
-        "metrics": {},
-        "instance": op.get("instance"),
-    }
-
-
-def apply_op(row: dict[str, Any] | None, op: Op) -> dict[str, Any] | None:
-    """The row after `op` (None: the operation leaves a missing row missing). Pure: the
-    writer, the read-your-writes overlay of `get` and the spool replay all use it."""
-    kind, sid = op["op"], op["call_sid"]
-    at = _time(op.get("at"))
-    if kind == "record":
-        rec = op["record"]
-        if row is not None and row.get("status") == "ended" and rec.get("status") != "ended":
-            return row  # never reopen a closed record (e.g. a replayed start record)
-        row = dict(row) if row is not None else _new_row(sid, op)
-        for name in _RECORD_FIELDS:
-            row[name] = rec.get(name)
-        row["from_number"], row["to_number"] = rec.get("from"), rec.get("to")
-        for name in _TIMES:
-            row[name] = _time(rec.get(name))
-        row["transcript"] = list(rec.get("transcript") or [])
-        row["timeline"] = list(rec.get("timeline") or [])
-        row["metrics"] = dict(rec.get("metrics") or {})
-        row["instance"] = op.get("instance")
-    elif kind == "status":
-        form = op.get("form") or {}
-        if row is None:
-            row = _new_row(sid, op)
-            row["direction"] = "outbound" if form.get("Direction", "").startswith("outbound") else "inbound"
-            row["from_number"], row["to_number"] = form.get("From"), form.get("To")
-        else:
-            row = dict(row)
-        event = {"status": op["status"], **(op.get("details") or {})}
-        events = list(row.get("twilio_events") or [])
-        if event not in events:  # a spool replayed twice adds nothing
-            events.append(event)
-        row["twilio_status"], row["twilio_events"] = op["status"], events
-    elif kind == "placeholder":
-        if row is not None:
-            return row
-        row = _new_row(sid, op)
-        row["direction"], row["from_number"], row["to_number"] = op["direction"], op["from"], op["to"]
-    elif kind == "close":
-        if row is not None and row.get("status") == "ended" and not op.get("force"):
-            return row
-        row = dict(row) if row is not None else _new_row(sid, op)
-        for name in ("direction", "from_number", "to_number"):
-            if op.get(name) and not row.get(name):
-                row[name] = op[name]
-        row["status"], row["end_reason"], row["end_detail"] = "ended", op["reason"], op["detail"]
-        row["ended_at"] = at
-        started = _aware(row.get("started_at"))
-        if started is not None and at is not None:
-            row["duration_s"] = round((at - started).total_seconds(), 3)
-    else:
-        raise ValueError(f"unknown store operation {kind!r}")
-    row["updated_at"] = at or datetime.now(UTC)
-    return row
-
-
-# -- which errors are worth retrying ---------------------------------------------------------
-
-# SQLSTATE classes: 08 connection exception, 40 transaction rollback (serialization,
-# deadlock), 53 insufficient resources, 57 operator intervention (admin shutdown,
-# "the database system is starting up"), 58 system error.
-_TRANSIENT_SQLSTATE = ("08", "40", "53", "57", "58")
-_REFUSED_SQLSTATE = ("22", "23")  # data exception, integrity constraint violation
-
-
-def _sqlstate(exc: BaseException) -> str | None:
-    orig = getattr(exc, "orig", None)
-    for candidate in (exc, orig, getattr(orig, "__cause__", None)):
-        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
-        if isinstance(code, str):
-            return code
-    return None
-
-
-def is_transient(exc: BaseException) -> bool:
-    """The database is unreachable, hung or restarting (not: it refused this value)."""
-    if isinstance(exc, OSError | TimeoutError | ConnectionError):
-        return True
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        code = _sqlstate(exc)
-        if code is not None:
-            return code[:2] in _TRANSIENT_SQLSTATE
-        # SQLite: "database is locked", "disk I/O error", "unable to open database file"
-        orig = exc.orig
-        if isinstance(orig, OSError | TimeoutError):
-            return True
-        return type(exc).__name__ in ("OperationalError", "InterfaceError")
-    # asyncpg's own connection errors, when they escape SQLAlchemy's wrapping
-    module = type(exc).__module__
-    return module.startswith("asyncpg") and "Connection" in type(exc).__name__
-
-
-class StoreUnavailable(Exception):
-    """A read could not be answered: the database is down, hung or refusing connections."""
-
-
-@dataclass
-class Page:
-    items: ListOfDicts
-    next_offset: int | None
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
 
 def _start_error(exc: BaseException, url: str) -> Exception:
     """The one-line start-up error for a database problem (callbridge.dberrors)."""
     try:
         from callbridge.dberrors import DatabaseError, explain
     except ImportError:  # pragma: no cover - dberrors is part of the package
-        return RuntimeError(f"database {redact_url(url)}: {_short(exc)}")
+        return RuntimeError(f"database {redact_url(url)}: {short(exc)}")
     if isinstance(exc, DatabaseError):
         return exc
     return DatabaseError(explain(exc, url))
 
 
-class CallStore:
+class CallStore(Reads):
     """The records of calls. `save` (the bridge's `RecordSink`) and the other writes
     return at once; reads raise `StoreUnavailable` within `timeout` seconds when the
     database cannot answer."""
@@ -416,7 +154,7 @@ class CallStore:
             return
         if migrate:
             try:
-                await asyncio.wait_for(self._migrate(), self.timeout * 6)
+                await asyncio.wait_for(migrate_schema(self.engine, self.url), self.timeout * 6)
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self.engine.dispose(), self.timeout)
@@ -467,7 +205,7 @@ class CallStore:
             await asyncio.wait_for(self.engine.dispose(), timeout)
         except (TimeoutError, SQLAlchemyError, OSError) as exc:
             # A hung server never answers the goodbye: drop the connections without it.
-            log.warning("store: closing database connections: %s", _short(exc))
+            log.warning("store: closing database connections: %s", short(exc))
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.engine.dispose(close=False), 0.3)
 
@@ -623,7 +361,7 @@ class CallStore:
             self._healthy, self._down_since = False, time.monotonic()
             log.error(
                 "store: database unavailable (%s): %d calls' records queued, kept in %s, retrying",
-                _short(exc) if exc else "?",
+                short(exc) if exc else "?",
                 len(self._pending),
                 self.spool_path,
             )
@@ -642,12 +380,6 @@ class CallStore:
         if row is None or row == current:
             return
         await self._put(conn, call_sid, row, exists=current is not None)
-
-    @staticmethod
-    async def _read_row(conn: AsyncConnection, call_sid: str) -> dict[str, Any] | None:
-        result = await conn.execute(select(CALLS).where(CALLS.c.call_sid == call_sid))
-        found = result.mappings().first()
-        return dict(found) if found is not None else None
 
     @staticmethod
     async def _put(conn: AsyncConnection, call_sid: str, row: dict[str, Any], exists: bool) -> None:
@@ -675,7 +407,7 @@ class CallStore:
             if row is None:
                 return None
             base = {k: row.get(k) for k in CORE_COLUMNS}
-            base.update({k: (_EMPTY.get(k) if k in _EMPTY else None) for k in OPTIONAL_COLUMNS})
+            base.update({k: (EMPTY_JSON.get(k) if k in EMPTY_JSON else None) for k in OPTIONAL_COLUMNS})
             base["refused_fields"] = ",".join(OPTIONAL_COLUMNS)
             await self._put(conn, call_sid, {"call_sid": call_sid, **base}, exists=current is not None)
             return row
@@ -702,7 +434,7 @@ class CallStore:
             "store: the database refused %s of call %s (%s); the record is written without %s",
             ", ".join(refused) or "the record as one write",
             call_sid,
-            _short(exc),
+            short(exc),
             "them" if refused else "nothing",
         )
 
@@ -724,7 +456,7 @@ class CallStore:
         if not new:
             return
         try:
-            _append_lines(self.spool_path, [json.dumps(op) for op in new])
+            append_lines(self.spool_path, [json.dumps(op) for op in new])
         except OSError as err:
             log.critical(
                 "store: %d writes could not be spooled to %s (%r): they are only in memory",
@@ -757,7 +489,7 @@ class CallStore:
                         raise ValueError("not a spooled write")
                     apply_op(None, op)  # checks it can be applied at all
                 except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                    self._quarantine_line(line, f"{self.spool_path}:{number}: {_short(exc)}")
+                    self._quarantine_line(line, f"{self.spool_path}:{number}: {short(exc)}")
                     continue
                 self._pending.setdefault(op["call_sid"], []).append(op)
                 self._spooled.add(id(op))
@@ -773,191 +505,20 @@ class CallStore:
 
     def _quarantine(self, call_sid: str, ops: list[Op], exc: BaseException) -> None:
         lines = "".join(json.dumps(op) + "\n" for op in ops)
-        self._quarantine_line(lines, f"call {call_sid}: the database refused it ({_short(exc)})")
+        self._quarantine_line(lines, f"call {call_sid}: the database refused it ({short(exc)})")
 
     def _quarantine_line(self, lines: str, why: str) -> None:
         self.quarantined += 1
         try:
-            _append_lines(self.quarantine_path, [line for line in lines.splitlines() if line.strip()])
+            append_lines(self.quarantine_path, [line for line in lines.splitlines() if line.strip()])
             log.error("store: %s; moved to %s", why, self.quarantine_path)
         except OSError as err:
             log.critical("store: %s; and it could not be kept in %s (%r)", why, self.quarantine_path, err)
 
-    # -- reads ----------------------------------------------------------------------------
-
-    async def _read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """`work` on a connection, answered or given up within `timeout`. The read runs in
-        its own task: giving up on a hung server must not wait for its connection's
-        clean-up (seconds more), so that task finishes on its own, bounded, in the background."""
-
-        async def read() -> T:
-            async with asyncio.timeout(self.timeout * 2), self.engine.connect() as conn:
-                return await work(conn)
-
-        task = asyncio.ensure_future(read())
-        try:
-            done, _ = await asyncio.wait({task}, timeout=self.read_timeout)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        if not done:
-            task.cancel()
-            self._reads.add(task)
-            task.add_done_callback(self._read_done)
-            raise StoreUnavailable("the call records database did not answer in time")
-        try:
-            return task.result()
-        except (SQLAlchemyError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"the call records database is unavailable: {_short(exc, 200)}") from None
-
-    async def _settle(self) -> None:
-        """Read-your-writes for lists: with a healthy database, the writes this process
-        queued a moment ago (milliseconds) are in before the query runs."""
-        if self._pending and self._healthy and self._writer_task is not None:
-            await self.wait_written(min(1.0, self.read_timeout))
-
-    def _read_done(self, task: asyncio.Task[Any]) -> None:
-        self._reads.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: it was given up on and reported already
-
-    async def get(self, call_sid: str) -> dict[str, Any] | None:
-        """One record, with this process's writes not yet in the database applied."""
-        ops = list(self._pending.get(call_sid, ()))
-        try:
-            row = await self._read(lambda conn: self._read_row(conn, call_sid))
-        except StoreUnavailable:
-            if not ops:
-                raise
-            row = None
-        for op in ops:
-            row = apply_op(row, op)
-        return row_to_dict(row) if row is not None else None
-
-    async def list_calls(
-        self,
-        status: str | None = None,
-        end_reason: str | None = None,
-        since: datetime | None = None,
-        limit: int = 50,
-        offset: int = 0,
-    ) -> Page:
-        query = select(CALLS)
-        if status:
-            query = query.where(CALLS.c.status == status)
-        if end_reason:
-            query = query.where(CALLS.c.end_reason == end_reason)
-        if since:
-            query = query.where(CALLS.c.started_at >= since)
-        query = query.order_by(CALLS.c.started_at.desc(), CALLS.c.call_sid).offset(offset).limit(limit + 1)
-
-        async def work(conn: AsyncConnection) -> list[dict[str, Any]]:
-            return [dict(r) for r in (await conn.execute(query)).mappings().all()]
-
-        await self._settle()
-        rows = await self._read(work)
-        more = len(rows) > limit
-        return Page([row_to_dict(r) for r in rows[:limit]], offset + limit if more else None)
-
-    async def count_by_end_reason(self) -> dict[str, int]:
-        query = select(CALLS.c.end_reason, func.count()).group_by(CALLS.c.end_reason)
-
-        async def work(conn: AsyncConnection) -> dict[str, int]:
-            return {str(reason): int(n) for reason, n in (await conn.execute(query)).all()}
-
-        await self._settle()
-        return await self._read(work)
-
-    async def active_call_sids(self, instance: str | None = None) -> list[str]:
-        """Calls recorded as live (by one instance, if given)."""
-        query = select(CALLS.c.call_sid).where(CALLS.c.status == "active")
-        if instance is not None:
-            query = query.where(CALLS.c.instance == instance)
-
-        async def work(conn: AsyncConnection) -> list[str]:
-            return [str(sid) for sid in (await conn.execute(query)).scalars().all()]
-
-        sids = await self._read(work)
-        # A close queued here but not yet written is as good as written.
-        return [s for s in sids if not any(op["op"] == "close" for op in self._pending.get(s, ()))]
-
-    # -- schema -----------------------------------------------------------------------------
-
-    async def _migrate(self) -> str:
-        if self.engine.dialect.name == "postgresql":
-            async with self.engine.connect() as conn:
-                await conn.execute(sql_text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
-                await conn.commit()
-                try:
-                    revision = await conn.run_sync(_upgrade_sync)
-                    await conn.commit()
-                finally:
-                    await conn.execute(sql_text("SELECT pg_advisory_unlock(:key)"), {"key": _LOCK_KEY})
-                    await conn.commit()
-                return revision
-        async with _file_lock(self.url):
-            async with self.engine.connect() as conn:
-                revision = await conn.run_sync(_upgrade_sync)
-                await conn.commit()
-                return revision
-
-
-def _upgrade_sync(conn: Connection) -> str:
-    from alembic import command
-    from alembic.config import Config
-    from alembic.runtime.migration import MigrationContext
-
-    config = Config()
-    config.set_main_option("script_location", MIGRATIONS)
-    config.attributes["connection"] = conn
-    current = MigrationContext.configure(conn).get_current_revision()
-    if current is None and sa_inspect(conn).has_table("calls"):
-        # Made by a release before migrations: its schema is revision 0001.
-        command.stamp(config, "0001")
-        log.warning("store: existing calls table (no schema version) taken as revision 0001; upgrading")
-    command.upgrade(config, "head")
-    revision = MigrationContext.configure(conn).get_current_revision()
-    return revision or "base"
-
-
-@contextlib.asynccontextmanager
-async def _file_lock(url: str) -> Any:
-    """Serialize migrations of one SQLite file between processes (`--workers N`)."""
-    path = url.split(":///", 1)[1] if ":///" in url else ""
-    if not path or path == ":memory:" or path.startswith("file:"):
-        yield
-        return
-    lock_path = os.path.join(os.getcwd(), path) + ".migrate-lock"
-    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                await asyncio.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)
 
 
 async def _execute(conn: AsyncConnection, statement: Any) -> Any:
     return await conn.execute(statement)
-
-
-def _append_lines(path: str, lines: list[str]) -> None:
-    new_file = not os.path.exists(path)
-    with open(path, "a", encoding="utf-8", errors="surrogateescape") as f:
-        for line in lines:
-            f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    if new_file:  # the file's name must survive a crash too
-        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 async def upgrade_database(url: str) -> str:
@@ -965,18 +526,8 @@ async def upgrade_database(url: str) -> str:
     store = CallStore(url)
     try:
         try:
-            return await asyncio.wait_for(store._migrate(), store.timeout * 6)
+            return await asyncio.wait_for(migrate_schema(store.engine, url), store.timeout * 6)
         except Exception as exc:
             raise _start_error(exc, url) from None
     finally:
         await store._dispose(store.timeout)
-
-
-def iter_spool(path: str) -> Iterator[Op]:
-    """The writes a spool file holds (for tools and tests)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as spool:
-        for line in spool:
-            if line.strip():
-                yield json.loads(line)

@@ -1,0 +1,155 @@
+"""Reading the records: bounded in time, answered from this process's queued writes
+where the database cannot answer, `StoreUnavailable` otherwise (the API's 503)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from callbridge.store.ops import Op, apply_op
+from callbridge.store.schema import CALLS, row_to_dict
+
+__all__ = ["Page", "Reads", "StoreUnavailable", "short"]
+
+T = TypeVar("T")
+ListOfDicts = list[dict[str, Any]]
+
+
+class StoreUnavailable(Exception):
+    """A read could not be answered: the database is down, hung or refusing connections."""
+
+
+@dataclass
+class Page:
+    items: ListOfDicts
+    next_offset: int | None
+
+
+def short(exc: BaseException, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Reads:
+    """The reading half of `CallStore` (a mixin: the store holds the state it uses)."""
+
+    engine: AsyncEngine
+    timeout: float
+    read_timeout: float
+    _pending: dict[str, list[Op]]
+    _healthy: bool
+    _writer_task: asyncio.Task[None] | None
+    _reads: set[asyncio.Task[Any]]
+
+    async def wait_written(self, timeout: float) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    async def _read_row(conn: AsyncConnection, call_sid: str) -> dict[str, Any] | None:
+        result = await conn.execute(select(CALLS).where(CALLS.c.call_sid == call_sid))
+        found = result.mappings().first()
+        return dict(found) if found is not None else None
+
+
+    async def _read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """`work` on a connection, answered or given up within `timeout`. The read runs in
+        its own task: giving up on a hung server must not wait for its connection's
+        clean-up (seconds more), so that task finishes on its own, bounded, in the background."""
+
+        async def read() -> T:
+            async with asyncio.timeout(self.timeout * 2), self.engine.connect() as conn:
+                return await work(conn)
+
+        task = asyncio.ensure_future(read())
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.read_timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            task.cancel()
+            self._reads.add(task)
+            task.add_done_callback(self._read_done)
+            raise StoreUnavailable("the call records database did not answer in time")
+        try:
+            return task.result()
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"the call records database is unavailable: {short(exc, 200)}") from None
+
+    async def _settle(self) -> None:
+        """Read-your-writes for lists: with a healthy database, the writes this process
+        queued a moment ago (milliseconds) are in before the query runs."""
+        if self._pending and self._healthy and self._writer_task is not None:
+            await self.wait_written(min(1.0, self.read_timeout))
+
+    def _read_done(self, task: asyncio.Task[Any]) -> None:
+        self._reads.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: it was given up on and reported already
+
+    async def get(self, call_sid: str) -> dict[str, Any] | None:
+        """One record, with this process's writes not yet in the database applied."""
+        ops = list(self._pending.get(call_sid, ()))
+        try:
+            row = await self._read(lambda conn: self._read_row(conn, call_sid))
+        except StoreUnavailable:
+            if not ops:
+                raise
+            row = None
+        for op in ops:
+            row = apply_op(row, op)
+        return row_to_dict(row) if row is not None else None
+
+    async def list_calls(
+        self,
+        status: str | None = None,
+        end_reason: str | None = None,
+        since: datetime | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Page:
+        query = select(CALLS)
+        if status:
+            query = query.where(CALLS.c.status == status)
+        if end_reason:
+            query = query.where(CALLS.c.end_reason == end_reason)
+        if since:
+            query = query.where(CALLS.c.started_at >= since)
+        query = query.order_by(CALLS.c.started_at.desc(), CALLS.c.call_sid).offset(offset).limit(limit + 1)
+
+        async def work(conn: AsyncConnection) -> list[dict[str, Any]]:
+            return [dict(r) for r in (await conn.execute(query)).mappings().all()]
+
+        await self._settle()
+        rows = await self._read(work)
+        more = len(rows) > limit
+        return Page([row_to_dict(r) for r in rows[:limit]], offset + limit if more else None)
+
+    async def count_by_end_reason(self) -> dict[str, int]:
+        query = select(CALLS.c.end_reason, func.count()).group_by(CALLS.c.end_reason)
+
+        async def work(conn: AsyncConnection) -> dict[str, int]:
+            return {str(reason): int(n) for reason, n in (await conn.execute(query)).all()}
+
+        await self._settle()
+        return await self._read(work)
+
+    async def active_call_sids(self, instance: str | None = None) -> list[str]:
+        """Calls recorded as live (by one instance, if given)."""
+        query = select(CALLS.c.call_sid).where(CALLS.c.status == "active")
+        if instance is not None:
+            query = query.where(CALLS.c.instance == instance)
+
+        async def work(conn: AsyncConnection) -> list[str]:
+            return [str(sid) for sid in (await conn.execute(query)).scalars().all()]
+
+        sids = await self._read(work)
+        # A close queued here but not yet written is as good as written.
+        return [s for s in sids if not any(op["op"] == "close" for op in self._pending.get(s, ()))]
