@@ -23,7 +23,7 @@ Deliberate choices where the contract is silent:
   ``dynamic_variables`` (plus ``system__agent_id`` / ``system__conversation_id``), as the
   real agent does with its prompt and first message.
 
-The package, by responsibility (each module imports only those above it):
+The package, by responsibility (at run time each module imports only those above it):
 
 * :mod:`.audio` — the contract's audio formats, mu-law, resampling, tones, chunking;
 * :mod:`.script` — :class:`AgentScript` and its steps, fault injection included;

@@ -28,7 +28,7 @@ What it does:
 
 All times recorded for assertions are the event loop's clock (``loop.time()``).
 
-The package, by responsibility (each module imports only those above it):
+The package, by responsibility (at run time each module imports only those above it):
 
 * :mod:`.signing` — the X-Twilio-Signature and how a signed webhook request looks;
 * :mod:`.wire` — the Media Streams messages Twilio sends, and its checks on what it receives;
