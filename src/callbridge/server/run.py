@@ -20,7 +20,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from callbridge.logs import log_event
-from callbridge.server.app import AppState
+from callbridge.server.state import AppState
 
 __all__ = ["GracefulServer", "make_config"]
 
