@@ -1,4 +1,5 @@
-"""Shared fixtures: the two emulators, a bridge wired to them, and a leak check after every test."""
+"""Shared fixtures: the Twilio emulator, the database backends, and a leak check after every test
+(helpers, such as `make_bridge`, are in tests/serverkit.py)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,13 @@ import asyncio
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from callbridge.agents.elevenlabs.session import ElevenLabsConfig, session_factory
-from callbridge.bridge import Bridge
-from callbridge.call import CallHooks, CallOptions, CallRecord, Tool
 from callbridge.emulators.twilio import TwilioEmulator
-from callbridge.telephony.twilio.control import RetryPolicy, TwilioCallControl
 from tests.pgserver import BINARY_GLOB, ENSURE_SCRIPT, PostgresServer, find_bindir
-
-ACCOUNT_SID = "AC" + "1" * 32
-AUTH_TOKEN = "test-auth-token"
+from tests.serverkit import ACCOUNT_SID, AUTH_TOKEN
 
 
 def _open_fds() -> set[str]:
@@ -67,54 +61,6 @@ def _name_sockets(sockets: set[str]) -> list[str]:
                 local, remote = (int(c.rsplit(":", 1)[1], 16) for c in cols[1:3])
                 table[cols[9]] = f"{local}->{remote} state {cols[3]}"
     return [f"{s} {table.get(s.split('[')[1].rstrip(']'), '')}" for s in sorted(sockets)]
-
-
-@dataclass
-class Harness:
-    """A bridge wired to the Twilio emulator (REST + streams) and the agent emulator."""
-
-    bridge: Bridge
-    control: TwilioCallControl
-    twilio: TwilioEmulator
-    records: list[CallRecord] = field(default_factory=list)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def add_record(self, record: CallRecord) -> None:
-        self.records.append(record)
-        self._changed.set()
-
-    async def wait_records(self, n: int, timeout: float) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.records) < n:
-                self._changed.clear()
-                await self._changed.wait()
-
-
-def make_bridge(
-    twilio: TwilioEmulator,
-    agent_base_url: str,
-    options: CallOptions | None = None,
-    hooks: CallHooks | None = None,
-    tools: dict[str, Tool] | None = None,
-    agent_id: str = "agent_test",
-    api_key: str | None = None,
-    retry: RetryPolicy | None = None,
-) -> Harness:
-    control = TwilioCallControl(
-        ACCOUNT_SID,
-        AUTH_TOKEN,
-        twilio.base_url,
-        retry=retry
-        or RetryPolicy(attempts=4, base_delay=0.05, max_delay=1.5, deadline=6.0, request_timeout=2.0),
-    )
-    hooks = hooks or CallHooks()
-    harness = Harness(bridge=None, control=control, twilio=twilio)  # type: ignore[arg-type]
-    hooks.on_call_end.append(harness.add_record)
-    factory = session_factory(
-        ElevenLabsConfig(agent_id=agent_id, api_key=api_key, api_base_url=agent_base_url)
-    )
-    harness.bridge = Bridge(factory, control, options or CallOptions(), hooks, tools)
-    return harness
 
 
 @pytest.fixture

@@ -1,27 +1,84 @@
-"""A real callbridge server (uvicorn on 127.0.0.1) wired to the emulators, for tests."""
+"""Shared test support: a real callbridge server (uvicorn on 127.0.0.1) wired to the emulators,
+`callbridge serve` as a subprocess, a clean environment for it, free ports, and `wait_until`.
+
+Test modules import their helpers from here (or tests/pgserver.py), never from one another."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
-from collections.abc import AsyncIterator, Callable
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from callbridge.call import CallHooks, CallRecord, Tool
+from callbridge.agents.elevenlabs.session import ElevenLabsConfig, session_factory
+from callbridge.bridge import Bridge
+from callbridge.call import CallHooks, CallOptions, CallRecord, Tool
 from callbridge.config import Settings
 from callbridge.emulators.elevenlabs import AgentEmulator
 from callbridge.emulators.twilio import TwilioEmulator
 from callbridge.server.app import AppState, create_app
 from callbridge.server.run import GracefulServer, make_config
 from callbridge.store import CallStore
-from callbridge.telephony.twilio.control import TwilioCallControl
+from callbridge.telephony.twilio.control import RetryPolicy, TwilioCallControl
 
+ACCOUNT_SID = "AC" + "1" * 32
+AUTH_TOKEN = "test-auth-token"
 API_TOKEN = "test-api-token-0123456789"
+
+
+@dataclass
+class Harness:
+    """A bridge wired to the Twilio emulator (REST + streams) and the agent emulator."""
+
+    bridge: Bridge
+    control: TwilioCallControl
+    twilio: TwilioEmulator
+    records: list[CallRecord] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add_record(self, record: CallRecord) -> None:
+        self.records.append(record)
+        self._changed.set()
+
+    async def wait_records(self, n: int, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.records) < n:
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def make_bridge(
+    twilio: TwilioEmulator,
+    agent_base_url: str,
+    options: CallOptions | None = None,
+    hooks: CallHooks | None = None,
+    tools: dict[str, Tool] | None = None,
+    agent_id: str = "agent_test",
+    api_key: str | None = None,
+    retry: RetryPolicy | None = None,
+) -> Harness:
+    control = TwilioCallControl(
+        ACCOUNT_SID,
+        AUTH_TOKEN,
+        twilio.base_url,
+        retry=retry
+        or RetryPolicy(attempts=4, base_delay=0.05, max_delay=1.5, deadline=6.0, request_timeout=2.0),
+    )
+    hooks = hooks or CallHooks()
+    harness = Harness(bridge=None, control=control, twilio=twilio)  # type: ignore[arg-type]
+    hooks.on_call_end.append(harness.add_record)
+    factory = session_factory(
+        ElevenLabsConfig(agent_id=agent_id, api_key=api_key, api_base_url=agent_base_url)
+    )
+    harness.bridge = Bridge(factory, control, options or CallOptions(), hooks, tools)
+    return harness
 
 
 @dataclass
@@ -113,3 +170,64 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"not within {timeout} s: {what}") from None
+
+
+async def wait_until_async(predicate: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """`wait_until` for a condition that takes I/O to check (an HTTP request, a query)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if await predicate():
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"not within {timeout} s: {what}") from None
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without any callbridge setting a developer may have set."""
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "ELEVENLABS_", "CALLBRIDGE_"))
+    }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a server in a subprocess)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _server_log() -> Any:
+    """SERVE_LOG=path keeps the servers' logs for a look after a failure."""
+    path = os.environ.get("SERVE_LOG")
+    return open(path, "ab") if path else asyncio.subprocess.DEVNULL
+
+
+async def serve_cli(env: dict[str, str], port: int) -> asyncio.subprocess.Process:
+    """`callbridge serve` on 127.0.0.1:`port` in a subprocess, returned once /healthz answers 200."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "callbridge.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=_server_log(),
+    )
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        for _ in range(200):
+            try:
+                if (await http.get("/healthz")).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.05)
+    proc.kill()
+    await proc.wait()
+    raise AssertionError("callbridge serve did not come up")

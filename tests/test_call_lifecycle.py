@@ -35,7 +35,7 @@ from callbridge.emulators.elevenlabs import (
 from callbridge.emulators.speech import load_speech
 from callbridge.emulators.twilio import EmulatedCall, TwilioEmulator
 from callbridge.telephony.base import Destination
-from tests.conftest import make_bridge
+from tests.serverkit import make_bridge, wait_until
 
 FAST = float("inf")
 
@@ -187,7 +187,8 @@ async def test_caller_hangup_closes_agent_without_rest(twilio: TwilioEmulator) -
     async def hang_up_soon(call: EmulatedCall, agent: AgentEmulator | None) -> None:
         assert agent is not None and call.stream is not None
         await agent.wait_for_conversations(1, timeout=5)
-        await asyncio.sleep(0.5)
+        conv = agent.conversations[0]
+        await wait_until(lambda: len(conv.user_audio) > 0, 5, "caller audio reached the agent")
         await call.stream.hangup()
         hung_up_at.append(asyncio.get_running_loop().time())
 

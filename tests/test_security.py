@@ -44,8 +44,7 @@ from callbridge.emulators.speech import load_speech
 from callbridge.emulators.twilio import TwilioEmulator, twilio_signature
 from callbridge.logs import JsonFormatter
 from callbridge.telephony.twilio.control import RetryPolicy, TwilioCallControl
-from tests.conftest import ACCOUNT_SID
-from tests.serverkit import API_TOKEN, RunningServer, running_server, settings_for
+from tests.serverkit import ACCOUNT_SID, API_TOKEN, RunningServer, running_server, settings_for
 
 FAST = float("inf")
 CALL_SID = "CA" + "a" * 32

@@ -39,9 +39,7 @@ from callbridge.emulators.elevenlabs import (
     WaitForUser,
 )
 from callbridge.emulators.twilio import EmulatedCall, TwilioEmulator
-from tests.serverkit import API_TOKEN
-from tests.test_cli import clean_env
-from tests.test_reliability import _free_port, _serve
+from tests.serverkit import API_TOKEN, clean_env, free_port, serve_cli
 
 CALLS = int(os.environ.get("SOAK_CALLS", "24"))
 CONCURRENCY = int(os.environ.get("SOAK_CONCURRENCY", "8"))
@@ -182,7 +180,7 @@ class Dialer:
 async def test_soak(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     plan = [rng.choice(FAULTS) for _ in range(CALLS)]
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
 
     async with (
@@ -204,7 +202,7 @@ async def test_soak(tmp_path: Path) -> None:
             "CALLBRIDGE_MAX_CALL_SECONDS": "60",
             "CALLBRIDGE_MAX_CONCURRENT_CALLS": str(max(CONCURRENCY * 2, 50)),
         }
-        proc = await _serve(env, port)
+        proc = await serve_cli(env, port)
         assert proc.pid is not None
         api = httpx.AsyncClient(
             base_url=url, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30, limits=API_LIMITS

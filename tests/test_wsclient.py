@@ -15,6 +15,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError, Conne
 from websockets.http11 import Response
 
 from callbridge.wsclient import connect
+from tests.serverkit import wait_until
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
 
@@ -76,7 +77,7 @@ async def test_close_from_the_client_completes_the_handshake() -> None:
         await conn.close(1000, "call ended")
         with pytest.raises(ConnectionClosedOK):
             await conn.send("late")
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: bool(codes), 5, "the server saw the close")
     assert codes == [1000]
 
 
