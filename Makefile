@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-postgres lint demo clean
+.PHONY: install test test-all test-postgres lint demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,28 +13,38 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The whole suite on SQLite, then the tests marked `database` again on a real PostgreSQL server
-# that the tests start themselves (tests/pgserver.py; binaries from scripts/ensure-postgres.sh).
-# The PostgreSQL pass leaves out the agent- and stream-fault cells of the fault matrix (they
-# write the same two records as every other cell and took 2.5 of the pass's 5 min) and its
-# media-before-start test (15 s, no database question in it), to keep `make test` near
-# 10 min on 2 cores. `make test-postgres PG_PASS_ONLY=` runs every database test on PostgreSQL.
-PG_PASS_ONLY ?= -k "not test_agent_fault and not test_twilio_stream_fault and not test_media_before_start"
-
-test: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/mypy
-	scripts/ensure-postgres.sh
-	$(BIN)/pytest -q
-	$(BIN)/pytest -q -m database --db=postgresql $(PG_PASS_ONLY)
-
-test-postgres: $(STAMP)
-	scripts/ensure-postgres.sh
-	$(BIN)/pytest -q -m database --db=postgresql $(PG_PASS_ONLY)
+# Tests run on $(WORKERS) pytest-xdist workers: they mostly wait on real-time audio, so more
+# workers than cores pays (measured on 2 cores). Each worker starts its own PostgreSQL server.
+WORKERS ?= 4
+PYTEST := $(BIN)/pytest -q -p no:cacheprovider -n $(WORKERS)
+# The fast tier leaves out the tests marked `slow` (long real-time tests, bench smoke) and `soak`.
+FAST := not slow and not soak
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
+
+# The fast tier (under 3 min on 2 cores): lint, the fast tests on SQLite, then the fast tests
+# marked `database` again on a real PostgreSQL server that the tests start themselves
+# (tests/pgserver.py; binaries from scripts/ensure-postgres.sh). The PostgreSQL pass of the fast
+# tier leaves out the fault matrix (each cell writes the same two records; `make test-all` runs
+# all of it on both backends).
+test: lint
+	scripts/ensure-postgres.sh
+	$(PYTEST) -m "$(FAST)"
+	$(PYTEST) -m "database and $(FAST)" --db=postgresql --ignore=tests/test_fault_matrix.py
+
+# Everything (CI, .ci/run): lint, the whole suite on SQLite (soak smoke and bench smoke
+# included), then every test marked `database` on PostgreSQL.
+test-all: lint
+	scripts/ensure-postgres.sh
+	$(PYTEST)
+	$(PYTEST) -m database --db=postgresql
+
+test-postgres: $(STAMP)
+	scripts/ensure-postgres.sh
+	$(PYTEST) -m database --db=postgresql
 
 demo: $(STAMP)
 	$(BIN)/callbridge demo

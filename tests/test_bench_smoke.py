@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "smoke.json"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -17,15 +15,9 @@ from callbridge.call import CallRecord
 from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, Say
 from callbridge.emulators.twilio import TwilioEmulator
 from callbridge.store import CallStore
+from tests.serverkit import clean_env, free_port, wait_until_async
 
 CLI = [sys.executable, "-m", "callbridge.cli"]
-
-
-def clean_env() -> dict[str, str]:
-    """This process's environment without any callbridge setting a developer may have set."""
-    return {
-        k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "ELEVENLABS_", "CALLBRIDGE_"))
-    }
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -55,6 +47,7 @@ def test_serve_without_settings_says_what_is_missing_in_one_line() -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_help_for_each_command() -> None:
     calls = (["calls"], ["calls", "list"], ["calls", "show"])
     for cmd in ([], ["serve"], ["call"], *calls, ["db"], ["db", "upgrade"], ["demo"]):
@@ -63,6 +56,7 @@ def test_help_for_each_command() -> None:
         assert "usage: callbridge" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.database
 async def test_calls_list_and_show_read_the_database(db_url: str) -> None:
     url = db_url
@@ -104,10 +98,7 @@ async def test_calls_list_and_show_read_the_database(db_url: str) -> None:
 async def test_serve_process_drains_on_sigterm(twilio: TwilioEmulator, db_url: str) -> None:
     """A real `callbridge serve` process, a live call, a real SIGTERM: the call is ended
     with `shutdown` after the grace period, both legs are hung up, the record is saved."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
+    port = free_port()
     script = AgentScript(steps=[Say("I will keep talking.", seconds=60.0)], realtime_factor=1.0)
     async with AgentEmulator(script) as agent:
         env = clean_env() | {
@@ -144,7 +135,13 @@ async def test_serve_process_drains_on_sigterm(twilio: TwilioEmulator, db_url: s
                     await asyncio.sleep(0.05)
                 call = await twilio.place_inbound_call(f"http://127.0.0.1:{port}/twilio/inbound")
                 await agent.wait_for_conversations(1, timeout=10)
-                await asyncio.sleep(0.3)
+                auth = {"Authorization": "Bearer proc-token"}
+
+                async def live() -> bool:
+                    resp = await http.get(f"/calls/{call.sid}", headers=auth)
+                    return resp.status_code == 200 and resp.json()["status"] == "active"
+
+                await wait_until_async(live, 10, "the call's record is active")
                 proc.send_signal(signal.SIGTERM)
                 await call.wait_ended(10)
                 _, stderr = await asyncio.wait_for(proc.communicate(), 20)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,6 +45,21 @@ from tests.serverkit import RunningServer, running_server, settings_for
 
 POINTS = ("greeting", "conversation", "goodbye")
 TEN_MB = 10 * 1024 * 1024
+
+
+def cells(faults: Mapping[str, object]) -> list[Any]:
+    """Every fault at every point. The fast tier (`-m "not slow"`) keeps one point per fault,
+    taken in turn, so that each fault and each point is still in it; the rest are marked slow."""
+    return [
+        pytest.param(
+            fault,
+            point,
+            id=f"{fault}-{point}",
+            marks=() if point == POINTS[i % len(POINTS)] else pytest.mark.slow,
+        )
+        for i, fault in enumerate(sorted(faults))
+        for point in POINTS
+    ]
 
 
 def script_with(point: str, fault: list[Any]) -> AgentScript:
@@ -219,8 +234,7 @@ AGENT_FAULTS: dict[str, tuple[list[Any], str]] = {
 
 
 @pytest.mark.database
-@pytest.mark.parametrize("point", POINTS)
-@pytest.mark.parametrize("fault", sorted(AGENT_FAULTS))
+@pytest.mark.parametrize(("fault", "point"), cells(AGENT_FAULTS))
 async def test_agent_fault(twilio: TwilioEmulator, db_url: str, fault: str, point: str) -> None:
     steps, expected = AGENT_FAULTS[fault]
     saved, call, _ = await run_cell(twilio, db_url, script_with(point, steps), expected)
@@ -283,8 +297,7 @@ TWILIO_FAULTS: dict[str, tuple[Callable[[MediaStreamCaller], Awaitable[None]], s
 
 
 @pytest.mark.database
-@pytest.mark.parametrize("point", POINTS)
-@pytest.mark.parametrize("fault", sorted(TWILIO_FAULTS))
+@pytest.mark.parametrize(("fault", "point"), cells(TWILIO_FAULTS))
 async def test_twilio_stream_fault(twilio: TwilioEmulator, db_url: str, fault: str, point: str) -> None:
     inject, expected = TWILIO_FAULTS[fault]
     saved, _, _ = await run_cell(
@@ -299,6 +312,7 @@ async def test_twilio_stream_fault(twilio: TwilioEmulator, db_url: str, fault: s
         assert not any(e["event"] == "phone.hangup" for e in saved["timeline"])
 
 
+@pytest.mark.slow
 @pytest.mark.database
 async def test_media_before_start_is_logged_and_the_call_goes_on(twilio: TwilioEmulator, db_url: str) -> None:
     """Twilio never sends media before `start`; if it did, the frame is dropped with a log line."""

@@ -27,8 +27,7 @@ from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall,
 from callbridge.emulators.twilio import TwilioEmulator
 from callbridge.store import CallStore, iter_spool
 from tests.pgserver import PostgresServer
-from tests.serverkit import API_TOKEN, running_server, settings_for, wait_until
-from tests.test_cli import clean_env
+from tests.serverkit import API_TOKEN, clean_env, free_port, running_server, settings_for, wait_until
 
 FAST = float("inf")
 
@@ -299,20 +298,12 @@ async def _serve(env: dict[str, str], port: int, cwd: Path) -> asyncio.subproces
     raise AssertionError("callbridge serve did not come up: " + (cwd / "serve.log").read_text()[-2000:])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_process_stopped_during_an_outage_keeps_every_record(
     tmp_path: Path, pg_server: PostgresServer, pg_url: str, sig: signal.Signals
 ) -> None:
-    port = _free_port()
+    port = free_port()
     async with TwilioEmulator() as twilio, AgentEmulator(short_script()) as agent:
         env = clean_env() | {
             "TWILIO_ACCOUNT_SID": twilio.account_sid,

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import sqlite3
-import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -18,58 +14,26 @@ from callbridge.call import Call, CallHooks, CallRecord
 from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall, Say
 from callbridge.emulators.twilio import TwilioEmulator
 from callbridge.store import CallStore
-from tests.serverkit import API_TOKEN, running_server, settings_for, wait_until
-from tests.test_cli import clean_env
+from tests.serverkit import (
+    API_TOKEN,
+    clean_env,
+    free_port,
+    running_server,
+    serve_cli,
+    settings_for,
+    wait_until,
+    wait_until_async,
+)
 
 FAST = float("inf")
 
 
-def _free_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port: int = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-def _server_log() -> Any:
-    """SERVE_LOG=path keeps the servers' logs for a look after a failure."""
-    path = os.environ.get("SERVE_LOG")
-    return open(path, "ab") if path else asyncio.subprocess.DEVNULL
-
-
-async def _serve(env: dict[str, str], port: int) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "callbridge.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=_server_log(),
-    )
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-        for _ in range(200):
-            try:
-                if (await http.get("/healthz")).status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.05)
-    proc.kill()
-    await proc.wait()
-    raise AssertionError("callbridge serve did not come up")
-
-
+@pytest.mark.slow
 @pytest.mark.database
 async def test_restart_after_sigkill_reconciles_calls_left_open(db_url: str) -> None:
     """SIGKILL with a live inbound call and an outbound call still ringing; the restart
     asks Twilio about both, hangs up the one still up, and closes both records."""
-    port = _free_port()
+    port = free_port()
     talk = AgentScript(steps=[Say("I will keep talking.", seconds=60.0)], realtime_factor=1.0)
     async with (
         TwilioEmulator(answer_delay=60.0) as twilio,  # outbound calls ring for a minute
@@ -86,7 +50,7 @@ async def test_restart_after_sigkill_reconciles_calls_left_open(db_url: str) -> 
             "CALLBRIDGE_API_TOKEN": API_TOKEN,
             "CALLBRIDGE_INSTANCE_ID": "bridge-a",
         }
-        proc = await _serve(env, port)
+        proc = await serve_cli(env, port)
         try:
             inbound = await twilio.place_inbound_call(f"http://127.0.0.1:{port}/twilio/inbound")
             await agent.wait_for_conversations(1, timeout=10)
@@ -96,7 +60,12 @@ async def test_restart_after_sigkill_reconciles_calls_left_open(db_url: str) -> 
                 resp = await api.post("/calls", json={"to": "+15550003333", "from": "+15550004444"})
                 assert resp.status_code == 201, resp.text
                 outbound_sid = resp.json()["call_sid"]
-            await asyncio.sleep(0.5)  # the inbound call's start record is written
+
+                async def both_recorded() -> bool:  # the inbound call's start record is written
+                    calls = (await api.get("/calls")).json()["calls"]
+                    return {inbound.sid, outbound_sid} <= {r["call_sid"] for r in calls}
+
+                await wait_until_async(both_recorded, 10, "both calls' start records")
         finally:
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
@@ -106,12 +75,12 @@ async def test_restart_after_sigkill_reconciles_calls_left_open(db_url: str) -> 
         assert twilio.calls[outbound_sid].status == "ringing"
 
         # A process of another instance sharing the database must not touch them.
-        other = await _serve(env | {"CALLBRIDGE_INSTANCE_ID": "bridge-b"}, port)
+        other = await serve_cli(env | {"CALLBRIDGE_INSTANCE_ID": "bridge-b"}, port)
         other.send_signal(signal.SIGTERM)
         await asyncio.wait_for(other.wait(), 20)
         assert twilio.calls[outbound_sid].status == "ringing"
 
-        proc = await _serve(env, port)
+        proc = await serve_cli(env, port)
         try:
             async with httpx.AsyncClient(
                 base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {API_TOKEN}"}

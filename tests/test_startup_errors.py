@@ -148,6 +148,7 @@ async def test_a_sync_driver_is_refused_with_the_async_form() -> None:
     one_line(message, "not async", "sqlite:///")
 
 
+@pytest.mark.slow
 def test_missing_asyncpg_gives_the_install_command_from_a_checkout() -> None:
     # A real import failure: asyncpg blocked in a fresh interpreter, then opened through the CLI.
     code = (
@@ -298,6 +299,7 @@ def test_serve_with_postgres_refused_is_one_line_and_exit_2() -> None:
     assert_one_error_line(result, "connection refused", "is PostgreSQL running")
 
 
+@pytest.mark.slow
 def test_serve_with_workers_checks_the_database_once_in_the_parent() -> None:
     port = free_port()
     result = serve(port, f"postgresql://callbridge:{SECRET}@127.0.0.1:{free_port()}/calls", "--workers", "2")
@@ -305,6 +307,7 @@ def test_serve_with_workers_checks_the_database_once_in_the_parent() -> None:
     assert_one_error_line(result, "connection refused")
 
 
+@pytest.mark.slow
 def test_serve_with_a_wrong_password(pg_server: PostgresServer) -> None:
     result = serve(free_port(), pg_server.url("postgres", password=SECRET))
     assert result.returncode == 2
@@ -312,6 +315,7 @@ def test_serve_with_a_wrong_password(pg_server: PostgresServer) -> None:
     assert pg_server.password not in result.stderr
 
 
+@pytest.mark.slow
 def test_serve_with_a_missing_database(pg_server: PostgresServer) -> None:
     result = serve(free_port(), pg_server.url("calls_not_created"))
     assert result.returncode == 2
@@ -327,6 +331,7 @@ def test_serve_with_an_unwritable_sqlite_path(tmp_path: Path) -> None:
     assert_one_error_line(result, f"{blocker} is a file, not a folder")
 
 
+@pytest.mark.slow
 def test_serve_with_an_unparsable_url() -> None:
     result = serve(free_port(), f"postgresql://callbridge:{SECRET}@127.0.0.1:notaport/calls")
     assert result.returncode == 2
@@ -335,12 +340,14 @@ def test_serve_with_an_unparsable_url() -> None:
     )
 
 
+@pytest.mark.slow
 def test_serve_with_a_driver_that_is_not_installed() -> None:
     result = serve(free_port(), f"postgresql+psycopg://callbridge:{SECRET}@127.0.0.1/calls")
     assert result.returncode == 2
     assert_one_error_line(result, "'psycopg' is not installed")
 
 
+@pytest.mark.slow
 async def test_serve_logs_the_absolute_path_of_the_default_sqlite_file(tmp_path: Path) -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
@@ -378,6 +385,7 @@ async def test_serve_logs_the_absolute_path_of_the_default_sqlite_file(tmp_path:
     assert (tmp_path / "callbridge.db").exists()
 
 
+@pytest.mark.slow
 def test_calls_list_elsewhere_never_creates_a_database(tmp_path: Path) -> None:
     for args in (["calls", "list"], ["calls", "show", "CA" + "0" * 32]):
         result = cli(*args, cwd=tmp_path)
@@ -391,6 +399,7 @@ def test_calls_list_elsewhere_never_creates_a_database(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_calls_list_only_reads(tmp_path: Path) -> None:
     """A reading command neither migrates nor replays a spool it happens to find: a file
     with no records table is one line; a spool in the working directory is left alone."""
@@ -408,6 +417,7 @@ def test_calls_list_only_reads(tmp_path: Path) -> None:
     assert "CA" + "1" * 32 not in listed.stdout and spool.exists()
 
 
+@pytest.mark.slow
 def test_serve_with_a_missing_spool_folder(tmp_path: Path) -> None:
     port = free_port()
     env = serve_env(port, f"sqlite:///{tmp_path}/calls.db") | {"CALLBRIDGE_SPOOL_DIR": str(tmp_path / "nope")}
@@ -422,6 +432,7 @@ def test_serve_with_a_missing_spool_folder(tmp_path: Path) -> None:
     assert_one_error_line(result, f"spool folder {tmp_path}/nope", "CALLBRIDGE_SPOOL_DIR")
 
 
+@pytest.mark.slow
 def test_calls_list_with_a_refused_postgres() -> None:
     url = f"postgresql://callbridge:{SECRET}@127.0.0.1:{free_port()}/calls"
     result = cli("calls", "list", env=clean_env() | {"CALLBRIDGE_DATABASE_URL": url})
@@ -429,12 +440,14 @@ def test_calls_list_with_a_refused_postgres() -> None:
     assert_one_error_line(result, "connection refused")
 
 
+@pytest.mark.slow
 def test_calls_list_since_yesterday_is_one_line(tmp_path: Path) -> None:
     result = cli("calls", "list", "--since", "yesterday", cwd=tmp_path)
     assert result.returncode == 2
     assert_one_error_line(result, "--since takes an ISO 8601", "'yesterday'")
 
 
+@pytest.mark.slow
 def test_version() -> None:
     from callbridge import __version__
 
@@ -443,6 +456,7 @@ def test_version() -> None:
     assert result.stdout.strip() == f"callbridge {__version__}"
 
 
+@pytest.mark.slow
 def test_db_upgrade_on_a_fresh_sqlite_file_then_calls_list_reads_it(tmp_path: Path) -> None:
     db = tmp_path / "calls.db"
     result = cli("db", "upgrade", "--database-url", f"sqlite:///{db}", cwd=tmp_path)
@@ -459,6 +473,7 @@ def test_db_upgrade_on_a_fresh_sqlite_file_then_calls_list_reads_it(tmp_path: Pa
     assert listed.stdout.startswith("CALL SID")
 
 
+@pytest.mark.slow
 def test_db_upgrade_errors_are_one_line(tmp_path: Path) -> None:
     result = cli("db", "upgrade", "--database-url", "sqlite:////proc/calls.db", cwd=tmp_path)
     assert_one_error_line(result, "/proc is not writable")
