@@ -22,14 +22,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from callbridge.bridge import DYNAMIC_VARIABLE_PREFIX
 from callbridge.call import EndReason
 from callbridge.logs import log_event
 from callbridge.server.state import AppState
 from callbridge.server.streamwatch import ExpectedCall
 from callbridge.telephony.base import CallControlError
-from callbridge.telephony.twilio.control import TwilioCallControl
-from callbridge.telephony.twilio.twiml import connect_twiml
+from callbridge.telephony.twilio.params import stream_parameters
 from callbridge.telephony.twilio.webhooks import CALL_SID_RE, error, read_body
 
 __all__ = [
@@ -98,23 +96,23 @@ async def create_call(request: Request) -> Response:
     if not state.bridge.accepting or not state.has_capacity():
         return error(503, "at capacity: try again later")
     ref = state.tokens.outbound_ref()
-    params: dict[str, str] = {
-        "from": data["from"],
-        "to": data["to"],
-        "direction": "outbound",
-        **state.tokens.parameters(ref),
+    variables = {
+        name: value if isinstance(value, str) else json.dumps(value)
+        for name, value in (data.get("dynamic_variables") or {}).items()
     }
-    if data.get("agent_id"):
-        params["agent_id"] = data["agent_id"]
-    for name, value in (data.get("dynamic_variables") or {}).items():
-        params[DYNAMIC_VARIABLE_PREFIX + name] = json.dumps(value) if not isinstance(value, str) else value
-    twiml = connect_twiml(state.settings.stream_url(), params)
-    control = state.control
-    if not isinstance(control, TwilioCallControl):
-        return error(501, "outbound calls need Twilio call control")
+    params = stream_parameters(
+        from_=data["from"],
+        to=data["to"],
+        direction="outbound",
+        token_ref=ref,
+        token=state.tokens.token(ref),
+        agent_id=data.get("agent_id"),
+        variables=variables,
+    )
     try:
-        out = await control.create_call(
-            data["to"], data["from"], twiml, state.settings.public("/twilio/status")
+        settings = state.settings
+        out = await state.control.place_call(
+            data["to"], data["from"], settings.stream_url(), params, settings.public("/twilio/status")
         )
     except CallControlError as exc:
         log_event(log, "twilio.create_failed", logging.ERROR, to=data["to"], error=str(exc))

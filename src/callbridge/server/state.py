@@ -23,6 +23,7 @@ from callbridge.server.streamwatch import END_STATUSES, ExpectedCall, StreamWatc
 from callbridge.server.tokens import StreamTokens
 from callbridge.store import CallStore
 from callbridge.telephony.base import CallControl, StreamInfo
+from callbridge.telephony.twilio.params import stream_parameters
 from callbridge.telephony.twilio.webhooks import TwilioSignatures
 from callbridge.transport import MessageSocket
 
@@ -86,7 +87,8 @@ class AppState:
                 log, "call.rejected", logging.WARNING, call_sid=call_sid, live_calls=self.bridge.live_calls
             )
             return None
-        params = {"from": from_, "to": to, "direction": direction, **self.tokens.parameters(call_sid)}
+        token = self.tokens.token(call_sid)
+        params = stream_parameters(from_=from_, to=to, direction=direction, token_ref=call_sid, token=token)
         self.expect_stream(call_sid, ExpectedCall(direction, from_, to))
         return params
 

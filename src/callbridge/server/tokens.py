@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 
 from callbridge.telephony.base import StreamInfo
+from callbridge.telephony.twilio.params import TOKEN, TOKEN_REF
 
 __all__ = ["StreamTokens"]
 
@@ -40,10 +41,6 @@ class StreamTokens:
         # surrogatepass: a ref from a stream's JSON may hold a lone surrogate.
         return hmac.new(self._key, ref.encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:40]
 
-    def parameters(self, ref: str) -> dict[str, str]:
-        """The stream parameters that carry the token of `ref`."""
-        return {"cb_ref": ref, "cb_token": self.token(ref)}
-
     @staticmethod
     def outbound_ref() -> str:
         """A fresh ref for a call not placed yet (its CallSid is not known)."""
@@ -57,7 +54,7 @@ class StreamTokens:
         """Why a stream is refused (token missing, forged, for another call, used before),
         or None: the ref is used up and the stream's reservation released."""
         params = info.custom_parameters
-        ref, token = params.get("cb_ref", ""), params.get("cb_token", "")
+        ref, token = params.get(TOKEN_REF, ""), params.get(TOKEN, "")
         if not ref or not token:
             return "no stream token"
         # As bytes: compare_digest raises TypeError on str with non-ASCII characters.
