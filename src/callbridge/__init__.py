@@ -10,7 +10,7 @@ from callbridge.agents.elevenlabs.session import ElevenLabsConfig, ElevenLabsSes
 from callbridge.bridge import Bridge
 from callbridge.call import Call, CallHooks, CallOptions, CallRecord, CallState, EndReason
 from callbridge.config import ConfigError, Settings
-from callbridge.telephony.base import CallControl, TelephonyLeg
+from callbridge.telephony.base import CallControl, Destination, TelephonyLeg
 from callbridge.telephony.twilio.control import RetryPolicy, TwilioCallControl
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "CallRecord",
     "CallState",
     "ConfigError",
+    "Destination",
     "ElevenLabsConfig",
     "ElevenLabsSession",
     "EndReason",
