@@ -21,7 +21,7 @@ from callbridge.agents.elevenlabs.session import ElevenLabsConfig, session_facto
 from callbridge.bridge import Bridge
 from callbridge.call import CallHooks, CallOptions, CallRecord, Tool
 from callbridge.config import Settings
-from callbridge.emulators.elevenlabs import AgentEmulator
+from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall, Say, WaitForUser
 from callbridge.emulators.twilio import TwilioEmulator
 from callbridge.server.app import AppState, create_app
 from callbridge.server.run import GracefulServer, make_config
@@ -199,13 +199,19 @@ def free_port() -> int:
         return port
 
 
-def _server_log() -> Any:
-    """SERVE_LOG=path keeps the servers' logs for a look after a failure."""
-    path = os.environ.get("SERVE_LOG")
-    return open(path, "ab") if path else asyncio.subprocess.DEVNULL
+def _tail(log: Path | None) -> str:
+    return log.read_text()[-2000:] if log is not None and log.exists() else ""
 
 
-async def serve_cli(env: dict[str, str], port: int) -> asyncio.subprocess.Process:
+def _server_log(log: Path | None) -> Any:
+    """Where the server's stderr goes: `log`, or SERVE_LOG=path, or nowhere."""
+    path = log or os.environ.get("SERVE_LOG")
+    return open(path, "ab") if path else asyncio.subprocess.DEVNULL  # the child writes it
+
+
+async def serve_cli(
+    env: dict[str, str], port: int, cwd: Path | None = None, log: Path | None = None
+) -> asyncio.subprocess.Process:
     """`callbridge serve` on 127.0.0.1:`port` in a subprocess, returned once /healthz answers 200."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -217,17 +223,33 @@ async def serve_cli(env: dict[str, str], port: int) -> asyncio.subprocess.Proces
         "--port",
         str(port),
         env=env,
+        cwd=cwd,
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=_server_log(),
+        stderr=_server_log(log),
     )
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-        for _ in range(200):
+        for _ in range(300):
             try:
                 if (await http.get("/healthz")).status_code == 200:
                     return proc
             except httpx.HTTPError:
                 pass
+            if proc.returncode is not None:
+                break
             await asyncio.sleep(0.05)
-    proc.kill()
+    if proc.returncode is None:
+        proc.kill()
     await proc.wait()
-    raise AssertionError("callbridge serve did not come up")
+    raise AssertionError(f"callbridge serve did not come up: {_tail(log)}")
+
+
+def short_script(seconds: float = 0.4) -> AgentScript:
+    """An agent that greets, listens briefly and says goodbye (as fast as the caller hears)."""
+    return AgentScript(
+        steps=[
+            Say("Hello!", seconds=seconds),
+            WaitForUser(seconds * 0.75),
+            EndCall("Goodbye!", seconds=seconds, close_delay=0.05),
+        ],
+        realtime_factor=float("inf"),
+    )

@@ -14,29 +14,18 @@ from typing import Any
 
 import pytest
 
-from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall, Say, WaitForUser
+from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, Say
 from callbridge.emulators.twilio import EmulatedCall, TwilioEmulator
 from callbridge.server.streamwatch import ExpectedCall, StreamWatch
 from callbridge.store import StoreUnavailable
 from callbridge.telephony.base import CallControlError, HangupOutcome
-from tests.serverkit import RunningServer, running_server, settings_for
+from tests.serverkit import RunningServer, running_server, settings_for, short_script
 
 CALLER, NUMBER = "+15551230001", "+15551230002"
 
 
 def talkative() -> AgentScript:
     return AgentScript(steps=[Say("Hello, I can talk for a long time.", seconds=30.0)], realtime_factor=1.0)
-
-
-def short() -> AgentScript:
-    return AgentScript(
-        steps=[
-            Say("Hello!", seconds=0.4),
-            WaitForUser(0.3),
-            EndCall("Goodbye!", seconds=0.4, close_delay=0.05),
-        ],
-        realtime_factor=float("inf"),
-    )
 
 
 async def wait_record(
@@ -88,7 +77,7 @@ async def test_inbound_stream_never_connects_completed_callback_closes_the_recor
     twilio: TwilioEmulator, tmp_path: Path
 ) -> None:
     twilio.stream_upgrade_fault = "drop"
-    async with AgentEmulator(short()) as agent:
+    async with AgentEmulator(short_script()) as agent:
         # A long connect timeout: only the status callback can close the record in time.
         settings = settings_for(twilio, agent, tmp_path / "calls.db", stream_connect_timeout=60.0)
         async with running_server(settings) as srv:
@@ -122,7 +111,7 @@ async def test_inbound_stream_never_connects_no_callback_is_fetched_and_hung_up(
     twilio: TwilioEmulator, tmp_path: Path
 ) -> None:
     twilio.stream_upgrade_fault = "hang"  # Twilio waits 5 s (stream_open_timeout) for the upgrade
-    async with AgentEmulator(short()) as agent:
+    async with AgentEmulator(short_script()) as agent:
         settings = settings_for(twilio, agent, tmp_path / "calls.db", stream_connect_timeout=0.5)
         async with running_server(settings) as srv:
             # Status callbacks only for `completed`: none arrives before the call is hung up.
@@ -157,7 +146,7 @@ async def test_outbound_stream_never_connects_is_fetched_and_hung_up(
     twilio: TwilioEmulator, tmp_path: Path
 ) -> None:
     twilio.stream_upgrade_fault = "hang"
-    async with AgentEmulator(short()) as agent:
+    async with AgentEmulator(short_script()) as agent:
         settings = settings_for(twilio, agent, tmp_path / "calls.db", stream_connect_timeout=0.5)
         async with running_server(settings) as srv:
             resp = await srv.api.post("/calls", json={"to": NUMBER, "from": CALLER})
@@ -213,7 +202,7 @@ async def test_outbound_call_ringing_past_the_timeout_is_not_hung_up(
     twilio: TwilioEmulator, tmp_path: Path
 ) -> None:
     twilio.answer_delay = 1.0  # the callee picks up after 1 s; the connect timeout is 0.3 s
-    async with AgentEmulator(short()) as agent:
+    async with AgentEmulator(short_script()) as agent:
         settings = settings_for(twilio, agent, tmp_path / "calls.db", stream_connect_timeout=0.3)
         async with running_server(settings) as srv:
             resp = await srv.api.post("/calls", json={"to": NUMBER, "from": CALLER})
@@ -234,7 +223,7 @@ async def test_shutdown_cancels_pending_watchdogs(twilio: TwilioEmulator, tmp_pa
     twilio.stream_upgrade_fault = "hang"
     twilio.stream_open_timeout = 30.0
     placing: asyncio.Task[EmulatedCall] | None = None
-    async with AgentEmulator(short()) as agent:
+    async with AgentEmulator(short_script()) as agent:
         settings = settings_for(twilio, agent, tmp_path / "calls.db", stream_connect_timeout=30.0)
         async with running_server(settings) as srv:
             watch = srv.state.streamwatch

@@ -12,35 +12,31 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from callbridge.call import CallRecord
-from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall, Say, WaitForUser
+from callbridge.emulators.elevenlabs import AgentEmulator
 from callbridge.emulators.twilio import TwilioEmulator
 from callbridge.store import CallStore, iter_spool
 from tests.pgserver import PostgresServer
-from tests.serverkit import API_TOKEN, clean_env, free_port, running_server, settings_for, wait_until
+from tests.serverkit import (
+    API_TOKEN,
+    clean_env,
+    free_port,
+    running_server,
+    serve_cli,
+    settings_for,
+    short_script,
+    wait_until,
+)
 
 FAST = float("inf")
-
-
-def short_script() -> AgentScript:
-    return AgentScript(
-        steps=[
-            Say("Hello!", seconds=0.4),
-            WaitForUser(0.3),
-            EndCall("Goodbye!", seconds=0.4, close_delay=0.05),
-        ],
-        realtime_factor=FAST,
-    )
 
 
 def spool_exists(store: CallStore) -> bool:
@@ -263,41 +259,6 @@ async def test_a_database_made_by_an_earlier_release_is_upgraded_in_place(
 # -- a real `callbridge serve` process, signalled in the middle of an outage ---------------
 
 
-def _log_file(cwd: Path) -> Any:
-    return open(cwd / "serve.log", "ab")  # the child writes it; closed when the test ends
-
-
-async def _serve(env: dict[str, str], port: int, cwd: Path) -> asyncio.subprocess.Process:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "callbridge.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        env=env,
-        cwd=cwd,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=_log_file(cwd),
-    )
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-        for _ in range(300):
-            try:
-                if (await http.get("/healthz")).status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                pass
-            if proc.returncode is not None:
-                break
-            await asyncio.sleep(0.05)
-    if proc.returncode is None:
-        proc.kill()
-    await proc.wait()
-    raise AssertionError("callbridge serve did not come up: " + (cwd / "serve.log").read_text()[-2000:])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 async def test_process_stopped_during_an_outage_keeps_every_record(
@@ -320,7 +281,7 @@ async def test_process_stopped_during_an_outage_keeps_every_record(
         }
         (tmp_path / "spool").mkdir()
         spool = tmp_path / "spool" / "callbridge-unsaved-records.jsonl"
-        proc = await _serve(env, port, tmp_path)
+        proc = await serve_cli(env, port, cwd=tmp_path, log=tmp_path / "serve.log")
         try:
             pg_server.stop()
             ended = await twilio.place_inbound_call(f"http://127.0.0.1:{port}/twilio/inbound")
@@ -349,7 +310,7 @@ async def test_process_stopped_during_an_outage_keeps_every_record(
         assert spooled_end()
 
         pg_server.start()
-        proc = await _serve(env, port, tmp_path)
+        proc = await serve_cli(env, port, cwd=tmp_path, log=tmp_path / "serve.log")
         try:
             await wait_until(lambda: not spool.exists(), 15, "spool written back at start")
         finally:

@@ -44,7 +44,7 @@ from callbridge.emulators.speech import load_speech
 from callbridge.emulators.twilio import TwilioEmulator, twilio_signature
 from callbridge.logs import JsonFormatter
 from callbridge.telephony.twilio.control import RetryPolicy, TwilioCallControl
-from tests.serverkit import ACCOUNT_SID, API_TOKEN, RunningServer, running_server, settings_for
+from tests.serverkit import ACCOUNT_SID, API_TOKEN, RunningServer, running_server, settings_for, short_script
 
 FAST = float("inf")
 CALL_SID = "CA" + "a" * 32
@@ -52,17 +52,6 @@ CALL_SID = "CA" + "a" * 32
 
 def talkative(seconds: float = 30.0) -> AgentScript:
     return AgentScript(steps=[Say("I can talk for a long time.", seconds=seconds)], realtime_factor=1.0)
-
-
-def short() -> AgentScript:
-    return AgentScript(
-        steps=[
-            Say("Hello!", seconds=0.3),
-            WaitForUser(0.2),
-            EndCall("Goodbye!", seconds=0.3, close_delay=0.05),
-        ],
-        realtime_factor=FAST,
-    )
 
 
 def webhook_form(call_sid: str = CALL_SID, status: str = "ringing") -> dict[str, str]:
@@ -136,7 +125,7 @@ async def stop(ws: ClientConnection, call_sid: str) -> None:
 async def test_webhook_signature_covers_the_exact_url_and_every_param(
     twilio: TwilioEmulator, db_url: str
 ) -> None:
-    async with AgentEmulator(short()) as agent:
+    async with AgentEmulator(short_script(0.3)) as agent:
         settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             url = f"{srv.url}/twilio/inbound"
@@ -226,7 +215,7 @@ async def test_status_callback_refuses_forged_and_replayed_signatures_and_the_ca
 async def test_media_stream_upgrade_refuses_missing_wrong_and_replayed_signatures(
     twilio: TwilioEmulator, db_url: str
 ) -> None:
-    async with AgentEmulator(short()) as agent:
+    async with AgentEmulator(short_script(0.3)) as agent:
         settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             token = twilio.auth_token
@@ -351,7 +340,7 @@ async def test_api_bearer_token_is_compared_in_constant_time(
 
     # callbridge.server.app calls hmac.compare_digest through its module: patch it there.
     monkeypatch.setattr("callbridge.server.app.hmac.compare_digest", spy)
-    async with AgentEmulator(short()) as agent:
+    async with AgentEmulator(short_script(0.3)) as agent:
         settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv, httpx.AsyncClient(base_url=srv.url) as anon:
             presented = {
@@ -389,7 +378,7 @@ async def test_a_media_frame_over_64_kib_closes_1009_and_the_next_call_is_served
     twilio: TwilioEmulator, db_url: str
 ) -> None:
     def scripts(agent_id: str, n: int) -> AgentScript:
-        return talkative() if n < 2 else short()
+        return talkative() if n < 2 else short_script(0.3)
 
     async with AgentEmulator(script_factory=scripts) as agent:
         settings = settings_for(twilio, agent, db_url)
@@ -471,7 +460,7 @@ async def _http_exchange(
 async def test_oversized_request_bodies_get_413_without_being_read(
     twilio: TwilioEmulator, db_url: str, path: str
 ) -> None:
-    async with AgentEmulator(short()) as agent:
+    async with AgentEmulator(short_script(0.3)) as agent:
         settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             base = (
@@ -504,7 +493,7 @@ async def test_oversized_request_bodies_get_413_without_being_read(
 @pytest.mark.database
 async def test_a_content_length_lying_low_is_read_as_declared(twilio: TwilioEmulator, db_url: str) -> None:
     """A body longer than its Content-Length: only the declared bytes are the request."""
-    async with AgentEmulator(short()) as agent:
+    async with AgentEmulator(short_script(0.3)) as agent:
         settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             body = json.dumps({"to": "+15559870001", "from": "+15559870002"}).encode() + b" " * 200_000
@@ -532,7 +521,7 @@ async def test_a_content_length_lying_low_is_read_as_declared(twilio: TwilioEmul
 async def test_calls_api_hostile_json_gets_a_client_error(
     twilio: TwilioEmulator, db_url: str, content: bytes, status: int
 ) -> None:
-    async with AgentEmulator(short()) as agent:
+    async with AgentEmulator(short_script(0.3)) as agent:
         settings = settings_for(twilio, agent, db_url)
         async with running_server(settings) as srv:
             resp = await srv.api.post("/calls", content=content, headers={"Content-Type": "application/json"})
@@ -758,7 +747,7 @@ async def test_secrets_never_appear_in_logs_errors_or_reprs(tmp_path: Path) -> N
     with every_logger_at_debug() as (capture, reopen):
         async with (
             TwilioEmulator(account_sid=ACCOUNT_SID, auth_token=AUTH_SECRET) as tw,
-            AgentEmulator(short(), api_key=API_KEY_SECRET) as agent,
+            AgentEmulator(short_script(0.3), api_key=API_KEY_SECRET) as agent,
         ):
             settings = settings_for(
                 tw,

@@ -12,10 +12,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from callbridge.config import ConfigError, Settings
-from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall, Say, WaitForUser
+from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall, Say
 from callbridge.emulators.speech import load_speech
 from callbridge.emulators.twilio import TwilioEmulator, twilio_signature
-from tests.serverkit import running_server, settings_for
+from tests.serverkit import running_server, settings_for, short_script
 
 FAST = float("inf")
 
@@ -23,17 +23,6 @@ FAST = float("inf")
 def talkative_script(seconds: float = 30.0) -> AgentScript:
     return AgentScript(
         steps=[Say("Hello, I can talk for a long time.", seconds=seconds)], realtime_factor=1.0
-    )
-
-
-def short_script() -> AgentScript:
-    return AgentScript(
-        steps=[
-            Say("Hello!", seconds=0.4),
-            WaitForUser(0.3),
-            EndCall("Goodbye!", seconds=0.4, close_delay=0.05),
-        ],
-        realtime_factor=FAST,
     )
 
 

@@ -185,16 +185,24 @@ def verified(request: Request, host: TwilioHost, form: Mapping[str, str]) -> boo
     return False
 
 
-# -- routes -------------------------------------------------------------------------------
-
-
-async def voice_webhook(request: Request, direction: str) -> Response:
-    host = host_of(request)
+async def signed_form(request: Request, host: TwilioHost) -> dict[str, str] | Response:
+    """The form of a Twilio request, or the error answer: too large, not UTF-8, unsigned."""
     form = await read_form(request)
     if isinstance(form, Response):
         return form
     if not verified(request, host, form):
         return error(403, "invalid Twilio signature")
+    return form
+
+
+# -- routes -------------------------------------------------------------------------------
+
+
+async def voice_webhook(request: Request, direction: str) -> Response:
+    host = host_of(request)
+    form = await signed_form(request, host)
+    if isinstance(form, Response):
+        return form
     call_sid = form.get("CallSid", "")
     if not CALL_SID_RE.fullmatch(call_sid):
         return error(400, "CallSid missing or malformed")
@@ -211,11 +219,9 @@ async def inbound(request: Request) -> Response:
 
 async def status_callback(request: Request) -> Response:
     host = host_of(request)
-    form = await read_form(request)
+    form = await signed_form(request, host)
     if isinstance(form, Response):
         return form
-    if not verified(request, host, form):
-        return error(403, "invalid Twilio signature")
     call_sid, status = form.get("CallSid", ""), form.get("CallStatus", "")
     if not CALL_SID_RE.fullmatch(call_sid) or not status:
         return error(400, "CallSid and CallStatus are required")
