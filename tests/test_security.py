@@ -407,7 +407,10 @@ async def test_a_media_frame_over_64_kib_closes_1009_and_the_next_call_is_served
             )
             third = (await srv.wait_records(3))[2]
             await after.wait_ended(5)
-    assert big.stream.close_code == 1009
+    # The server closes 1009 and drops the connection; the emulated Twilio, still sending a
+    # frame every 20 ms, may get a TCP reset before it reads that close frame (seen under
+    # load: 1006). What the bridge did is asserted from its record below.
+    assert big.stream.close_code in (1009, 1006)
     assert first.call_sid == big.sid and first.end_reason == "telephony_error"
     assert "1009" in (first.end_detail or ""), first.end_detail
     # The phone call did not stay up: Twilio ran out of TwiML when the stream closed (and
