@@ -15,6 +15,7 @@ from callbridge.agents.base import (
     ToolCallRequest,
 )
 from callbridge.agents.elevenlabs.protocol import ElevenLabsProtocol, close_outcome
+from callbridge.formats import parse_format
 
 
 def msg(kind: str, key: str, **body: object) -> str:
@@ -36,7 +37,7 @@ def test_metadata_gives_formats() -> None:
             user_input_audio_format="ulaw_8000",
         )
     )
-    assert ev == AgentReady("conv_123456789", "ulaw_8000", "pcm_16000")
+    assert ev == AgentReady("conv_123456789", parse_format("ulaw_8000"), parse_format("pcm_16000"))
 
 
 def test_metadata_with_unknown_format_is_rejected() -> None:

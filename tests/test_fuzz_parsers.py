@@ -41,6 +41,7 @@ from callbridge.agents.base import (
 )
 from callbridge.agents.elevenlabs.protocol import AGENT_FORMATS, ElevenLabsProtocol
 from callbridge.emulators.elevenlabs import SERVER_EVENT_TYPES
+from callbridge.formats import parse_format
 from callbridge.server.app import MAX_BODY_BYTES, read_body, read_form, validate_call_request
 from callbridge.telephony.base import (
     CallerAudio,
@@ -573,7 +574,9 @@ def check_agent(event: Any, p: ElevenLabsProtocol, sent: Any, outbox_before: int
     elif isinstance(event, AgentReady):
         assert isinstance(body, dict)
         assert event == AgentReady(
-            body["conversation_id"], body["user_input_audio_format"], body["agent_output_audio_format"]
+            body["conversation_id"],
+            parse_format(body["user_input_audio_format"]),
+            parse_format(body["agent_output_audio_format"]),
         )
     elif isinstance(event, ToolCallRequest):
         assert isinstance(body, dict)

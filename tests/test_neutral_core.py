@@ -23,6 +23,7 @@ from callbridge.agents.base import (
 )
 from callbridge.bridge import Bridge
 from callbridge.call import Call, CallHooks, CallOptions, CallRecord
+from callbridge.formats import ULAW_8000
 from callbridge.lifecycle import END_POLICY, EndReason, IllegalTransition, PhoneLeg, render_policy_table
 from callbridge.telephony.base import (
     CallerAudio,
@@ -101,7 +102,7 @@ class ScriptedAgent:
 
     async def connect(self, context: AgentCallContext) -> AgentReady:
         self.context = context
-        return AgentReady("conv-1", "ulaw_8000", "ulaw_8000")
+        return AgentReady("conv-1", ULAW_8000, ULAW_8000)
 
     async def events(self) -> AsyncIterator[AgentEvent]:
         for line in self.lines:

@@ -13,12 +13,13 @@ Python code runs per sample: the bridge calls this on every 20 ms frame of every
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final
 
 import numpy as np
 import soxr
 from numpy.typing import NDArray
+
+from callbridge.formats import AGENT_FORMATS, ULAW_8000, AudioFormat, parse_format
 
 __all__ = [
     "AGENT_FORMATS",
@@ -36,60 +37,8 @@ __all__ = [
     "ulaw_to_pcm16",
 ]
 
-Encoding = Literal["ulaw", "pcm"]
-
-
-@dataclass(frozen=True)
-class AudioFormat:
-    """A mono audio format: ``ulaw`` (1 byte per sample) or ``pcm`` (int16 LE, 2 bytes)."""
-
-    name: str
-    encoding: Encoding
-    sample_rate: int
-
-    @property
-    def sample_width(self) -> int:
-        return 1 if self.encoding == "ulaw" else 2
-
-    @property
-    def bytes_per_second(self) -> int:
-        return self.sample_rate * self.sample_width
-
-    def duration(self, nbytes: int) -> float:
-        """Seconds of audio in ``nbytes`` bytes of this format."""
-        return nbytes / self.bytes_per_second
-
-
-_AGENT_FORMAT_NAMES: Final = (
-    "ulaw_8000",
-    "pcm_8000",
-    "pcm_16000",
-    "pcm_22050",
-    "pcm_24000",
-    "pcm_44100",
-    "pcm_48000",
-)
-
-
-def _make_format(name: str) -> AudioFormat:
-    encoding, _, rate = name.partition("_")
-    assert encoding in ("ulaw", "pcm"), name
-    return AudioFormat(name=name, encoding="ulaw" if encoding == "ulaw" else "pcm", sample_rate=int(rate))
-
-
-AGENT_FORMATS: Final[dict[str, AudioFormat]] = {n: _make_format(n) for n in _AGENT_FORMAT_NAMES}
-ULAW_8000: Final[AudioFormat] = AGENT_FORMATS["ulaw_8000"]
 # Mu-law code of a zero sample: what a silent telephony frame is filled with.
 ULAW_SILENCE: Final[int] = 0xFF
-
-
-def parse_format(name: str) -> AudioFormat:
-    """The :class:`AudioFormat` for an ElevenLabs audio format name such as ``pcm_16000``."""
-    try:
-        return AGENT_FORMATS[name]
-    except (KeyError, TypeError):
-        known = ", ".join(_AGENT_FORMAT_NAMES)
-        raise ValueError(f"unknown audio format {name!r}; expected one of: {known}") from None
 
 
 # --------------------------------------------------------------------------------------------

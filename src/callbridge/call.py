@@ -47,7 +47,6 @@ from callbridge.agents.base import (
 from callbridge.audio import (
     AudioConverter,
     agent_to_telephony,
-    parse_format,
     telephony_to_agent,
     ulaw_peak,
 )
@@ -399,8 +398,8 @@ class Call:
             self.agent = self._agent_factory(ctx)
             async with asyncio.timeout(self.options.agent_connect_timeout):
                 ready = await self.agent.connect(ctx)
-            self._to_agent = telephony_to_agent(parse_format(ready.input_format))
-            self._to_caller = agent_to_telephony(parse_format(ready.output_format))
+            self._to_agent = telephony_to_agent(ready.input_format)
+            self._to_caller = agent_to_telephony(ready.output_format)
         except TimeoutError:
             self.request_end(
                 EndReason.AGENT_UNREACHABLE,
@@ -423,8 +422,8 @@ class Call:
             "agent.connected",
             call_sid=self.call_sid,
             conversation_id=ready.conversation_id,
-            input_format=ready.input_format,
-            output_format=ready.output_format,
+            input_format=ready.input_format.name,
+            output_format=ready.output_format.name,
             connect_ms=self.metrics["agent_connect_ms"],
         )
         if self.end_reason is not None:

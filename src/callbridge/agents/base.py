@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from callbridge.formats import AudioFormat
+
 __all__ = [
     "AgentAudio",
     "AgentCallContext",
@@ -47,8 +49,8 @@ class AgentCallContext:
 @dataclass(frozen=True, slots=True)
 class AgentReady:
     conversation_id: str
-    input_format: str  # what the agent wants from the caller, e.g. "ulaw_8000"
-    output_format: str  # what the agent sends, e.g. "pcm_16000"
+    input_format: AudioFormat  # what the agent wants from the caller (parsed by the vendor's protocol)
+    output_format: AudioFormat  # what the agent sends
 
 
 @dataclass(frozen=True, slots=True)

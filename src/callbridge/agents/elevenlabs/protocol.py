@@ -28,13 +28,14 @@ from callbridge.agents.base import (
     AgentWarning,
     ToolCallRequest,
 )
+from callbridge.formats import AGENT_FORMATS as KNOWN_FORMATS
+from callbridge.formats import parse_format
 from callbridge.wire import decode_object, describe, shorten
 
 __all__ = ["AGENT_FORMATS", "ElevenLabsProtocol", "close_outcome"]
 
-AGENT_FORMATS = frozenset(
-    {"ulaw_8000", "pcm_8000", "pcm_16000", "pcm_22050", "pcm_24000", "pcm_44100", "pcm_48000"}
-)
+# The audio formats an ElevenLabs agent may name (its names are our `formats` notation).
+AGENT_FORMATS = frozenset(KNOWN_FORMATS)
 
 # Server events the spec defines that a phone bridge has no use for.
 _IGNORED_TYPES = frozenset(
@@ -187,7 +188,7 @@ class ElevenLabsProtocol:
             raise ValueError(f"unsupported audio formats {describe(out_fmt)}/{describe(in_fmt)}")
         if self.ready is not None:
             return AgentWarning("second conversation_initiation_metadata ignored")
-        self.ready = AgentReady(conv_id, str(in_fmt), str(out_fmt))
+        self.ready = AgentReady(conv_id, parse_format(in_fmt), parse_format(out_fmt))
         return self.ready
 
     def _on_audio(self, msg: dict[str, Any]) -> AgentEvent | None:
