@@ -237,8 +237,15 @@ class Call:
         self._end_requested.set()
         return True
 
-    def carrier_ended(self, detail: str) -> None:
-        """The carrier reports the call over (e.g. a status callback): nothing to hang up."""
+    def carrier_ended(self, detail: str, after: float = 0.0) -> None:
+        """The carrier reports the call over (e.g. a status callback): nothing to hang up.
+        `after`: let the media stream report its own end first for this long (a callback
+        may overtake the stream's `stop` or its dropped connection, which say more)."""
+        if after > 0:
+            self._after(after, self.carrier_ended, detail)
+            return
+        if self.end_reason is not None:
+            return
         self._phone_is(PhoneLeg.GONE)
         self.request_end(EndReason.CALLER_HUNG_UP, detail)
 

@@ -30,6 +30,9 @@ from callbridge.transport import MessageSocket
 __all__ = ["AppState", "stream_settled"]
 
 log = logging.getLogger("callbridge.server")
+# A status callback saying a live call is over waits this long for the call's own media
+# stream to report how it ended (`stop`: the caller hung up; a dropped connection).
+STREAM_FIRST_SECONDS = 0.25
 
 
 @dataclass
@@ -100,7 +103,7 @@ class AppState:
             return
         call = self.bridge.find(call_sid)
         if call is not None:
-            call.carrier_ended(f"status callback: {status}")
+            call.carrier_ended(f"status callback: {status}", after=STREAM_FIRST_SECONDS)
         elif await self.streamwatch.carrier_ended(call_sid, status):
             pass  # answered here but its stream never connected: closed `no_media_stream`
         elif status != "completed":
