@@ -489,3 +489,79 @@ def test_db_upgrade_on_a_real_postgres(pg_url: str) -> None:
     assert "schema at revision" in result.stdout
     password = make_url(pg_url).password
     assert password and password not in result.stdout + result.stderr
+
+
+# -- settings refused at start: one line naming the variable and what would be valid -------------
+
+
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_serve_refuses_fewer_than_one_worker(tmp_path: Path, workers: str) -> None:
+    port = free_port()
+    args = ("serve", "--host", "127.0.0.1", "--port", str(port), "--workers", workers)
+    result = cli(*args, env=serve_env(port, None), cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_error_line(result, "--workers must be 1 or more", f"got {workers}")
+    assert list(tmp_path.iterdir()) == []  # refused before the database is opened
+
+
+def test_a_public_url_without_a_scheme_is_one_line_with_the_fix(tmp_path: Path) -> None:
+    port = free_port()
+    env = serve_env(port, None) | {"CALLBRIDGE_PUBLIC_URL": "bridge.example.com"}
+    result = cli("serve", "--host", "127.0.0.1", "--port", str(port), env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    line = assert_one_error_line(
+        result, "CALLBRIDGE_PUBLIC_URL", "did you mean https://bridge.example.com"
+    )
+    assert "required but not set" not in line
+    flag = cli(
+        "serve", "--port", str(port), "--public-url", "bridge.example.com", env=serve_env(port, None),
+        cwd=tmp_path,
+    )
+    assert flag.returncode == 2
+    assert_one_error_line(flag, "--public-url", "did you mean https://bridge.example.com")
+
+
+@pytest.mark.parametrize(
+    ("agent_id", "hint"),
+    [
+        ("my agent", "letters, digits, '_' and '-' only"),
+        ("https://elevenlabs.io/app/agents/agents/agent_01jx9abc?tab=widget", "did you mean agent_01jx9abc"),
+    ],
+)
+def test_an_agent_id_of_the_wrong_shape_says_use_the_agent_id(
+    tmp_path: Path, agent_id: str, hint: str
+) -> None:
+    port = free_port()
+    env = serve_env(port, None) | {"ELEVENLABS_AGENT_ID": agent_id}
+    result = cli("serve", "--host", "127.0.0.1", "--port", str(port), env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    line = assert_one_error_line(result, "ELEVENLABS_AGENT_ID", "use the agent ID, e.g. agent_...", hint)
+    assert "required but not set" not in line
+
+
+def test_fallback_twiml_that_is_not_well_formed_xml(tmp_path: Path) -> None:
+    port = free_port()
+    for twiml, must in (
+        ("<Response><Say>Sorry</Response>", "well-formed XML"),
+        ("<Response><Say>Sorry</Say>", "well-formed XML"),
+        ("<Say>Sorry</Say>", "root element is <Response>"),
+    ):
+        env = serve_env(port, None) | {"CALLBRIDGE_FALLBACK_TWIML": twiml}
+        result = cli("serve", "--host", "127.0.0.1", "--port", str(port), env=env, cwd=tmp_path)
+        assert result.returncode == 2
+        assert_one_error_line(result, "CALLBRIDGE_FALLBACK_TWIML", must)
+
+
+def test_well_formed_settings_of_those_kinds_are_accepted() -> None:
+    settings = Settings.from_env(
+        {
+            "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+            "TWILIO_AUTH_TOKEN": "t",
+            "ELEVENLABS_AGENT_ID": "agent_01jx9abc-DEF",
+            "CALLBRIDGE_PUBLIC_URL": "https://bridge.example.com/",
+            "CALLBRIDGE_FALLBACK_TWIML": '<?xml version="1.0"?><Response><Dial>+15550001</Dial></Response>',
+        },
+        require=("twilio", "agent", "public_url"),
+    )
+    assert settings.elevenlabs_agent_id == "agent_01jx9abc-DEF"
+    assert settings.public_url == "https://bridge.example.com"

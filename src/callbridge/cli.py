@@ -163,6 +163,8 @@ def _worker(sockets: list[Any] | None = None, index: int = 0) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise CliError(f"--workers must be 1 or more (one per CPU core is typical), got {args.workers}")
     settings = _serve_settings(args)
     configure_logging(args.log_level, args.json_logs)
     if not settings.api_token:

@@ -7,7 +7,9 @@ reported at once, one clear line each, and no secret is ever echoed back.
 from __future__ import annotations
 
 import os
+import re
 import socket
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -17,6 +19,7 @@ from callbridge.call import CallOptions
 from callbridge.telephony.base import Destination
 
 __all__ = [
+    "AGENT_ID_RE",
     "ConfigError",
     "Settings",
     "absolute_sqlite_url",
@@ -30,6 +33,8 @@ __all__ = [
 SPOOL_FILE = "callbridge-unsaved-records.jsonl"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///callbridge.db"
 SECRET_FIELDS = frozenset({"twilio_auth_token", "elevenlabs_api_key", "api_token"})
+# An ElevenLabs agent ID as the bridge accepts it (here and in the /calls API).
+AGENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 
 class ConfigError(Exception):
@@ -93,7 +98,7 @@ _VARS: dict[str, tuple[str, str]] = {
     "TWILIO_ACCOUNT_SID": ("twilio_account_sid", "str"),
     "TWILIO_AUTH_TOKEN": ("twilio_auth_token", "str"),
     "TWILIO_API_BASE_URL": ("twilio_api_base_url", "url"),
-    "ELEVENLABS_AGENT_ID": ("elevenlabs_agent_id", "str"),
+    "ELEVENLABS_AGENT_ID": ("elevenlabs_agent_id", "agent_id"),
     "ELEVENLABS_API_KEY": ("elevenlabs_api_key", "str"),
     "ELEVENLABS_API_BASE_URL": ("elevenlabs_api_base_url", "url"),
     "CALLBRIDGE_PUBLIC_URL": ("public_url", "url"),
@@ -169,18 +174,30 @@ class Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         problems: list[str] = []
+        # Given but refused: one line each, and never also "is required but not set".
+        invalid: dict[str, str] = {}
         for var, (name, kind) in _VARS.items():
             raw = env.get(var)
             if raw is None or raw.strip() == "":
                 continue
             parsed, problem = _parse(var, raw.strip(), kind)
             if problem:
-                problems.append(problem)
+                invalid[name] = problem
             else:
                 values[name] = parsed
+        kinds = {name: kind for name, kind in _VARS.values()}
         for name, value in (overrides or {}).items():
-            if value is not None:
-                values[name] = value
+            if value is None:
+                continue
+            if isinstance(value, str) and kinds.get(name, "str") != "str":
+                flag = "--" + name.replace("_", "-")
+                value, problem = _parse(flag, value.strip(), kinds[name])
+                if problem:
+                    invalid[name] = problem
+                    continue
+            invalid.pop(name, None)  # a valid flag wins over a bad environment value
+            values[name] = value
+        problems.extend(invalid.values())
         needed = {
             "twilio": ("twilio_account_sid", "twilio_auth_token"),
             "agent": ("elevenlabs_agent_id",),
@@ -189,7 +206,7 @@ class Settings:
         }
         for group in require:
             for name in needed[group]:
-                if not values.get(name):
+                if not values.get(name) and name not in invalid:
                     problems.append(f"{ENV_VARS[name]} is required but not set")
         sid = values.get("twilio_account_sid")
         if sid and not (sid.startswith("AC") and len(sid) == 34 and sid[2:].isalnum()):
@@ -246,18 +263,48 @@ def _is_loopback_url(url: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def _parse_agent_id(var: str, raw: str) -> tuple[str | None, str | None]:
+    if AGENT_ID_RE.fullmatch(raw):
+        return raw, None
+    if "://" in raw or "/" in raw:
+        # e.g. the dashboard URL https://elevenlabs.io/app/agents/agents/agent_...
+        parts = urlsplit(raw).path.split("/")
+        found = [p for p in parts if p.startswith("agent_") and AGENT_ID_RE.fullmatch(p)]
+        hint = f": did you mean {found[-1]}?" if found else ""
+        return None, (
+            f"{var} is a URL, not an agent ID: use the agent ID, e.g. agent_..., "
+            f"as shown in the agent's settings{hint}"
+        )
+    return None, (
+        f"{var} must be an agent ID of letters, digits, '_' and '-' only (at most 128): "
+        "use the agent ID, e.g. agent_..."
+    )
+
+
+def _parse_twiml(var: str, raw: str) -> tuple[str | None, str | None]:
+    try:
+        root = ET.fromstring(raw)
+    except ET.ParseError as exc:
+        return None, f"{var} must be well-formed XML TwiML such as <Response><Hangup/></Response>: {exc}"
+    if root.tag != "Response":
+        return None, f"{var} must be TwiML whose root element is <Response>, got <{root.tag}>"
+    return raw, None
+
+
 def _parse(var: str, raw: str, kind: str) -> tuple[Any, str | None]:
     if kind == "str":
         return raw, None
     if kind == "url":
+        if "://" not in raw and " " not in raw and not raw.startswith("/"):
+            return None, f"{var} must be an http(s) URL: did you mean https://{raw}?"
         parts = urlsplit(raw)
         if parts.scheme not in ("http", "https") or not parts.netloc:
-            return None, f"{var} must be an http(s) URL (got something else)"
+            return None, f"{var} must be an http(s) URL such as https://bridge.example.com"
         return raw.rstrip("/"), None
+    if kind == "agent_id":
+        return _parse_agent_id(var, raw)
     if kind == "twiml":
-        if not raw.lstrip().startswith("<Response"):
-            return None, f"{var} must be TwiML starting with <Response>"
-        return raw, None
+        return _parse_twiml(var, raw)
     try:
         number = float(raw) if kind.endswith("float") else int(raw)
     except ValueError:

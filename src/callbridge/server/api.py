@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from callbridge.call import EndReason
+from callbridge.config import AGENT_ID_RE
 from callbridge.logs import log_event
 from callbridge.server.state import AppState
 from callbridge.server.streamwatch import ExpectedCall
@@ -45,7 +46,6 @@ log = logging.getLogger("callbridge.server")
 MAX_REQUEST_BYTES = 16 * 1024
 _PHONE_RE = re.compile(r"^(\+[1-9][0-9]{6,15}|(sip|client):[A-Za-z0-9@._:;=+-]{1,200})$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_AGENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 NO_SUCH_SID = "no such call (a call SID is CA followed by 32 hex digits)"
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -199,7 +199,7 @@ def validate_call_request(data: Any) -> str | None:
         if not isinstance(value, str) or not _PHONE_RE.fullmatch(value):
             return f"{key!r} must be an E.164 number (+15551234567) or a sip:/client: address"
     agent_id = data.get("agent_id")
-    if agent_id is not None and (not isinstance(agent_id, str) or not _AGENT_ID_RE.fullmatch(agent_id)):
+    if agent_id is not None and (not isinstance(agent_id, str) or not AGENT_ID_RE.fullmatch(agent_id)):
         return "'agent_id' must be letters, digits, '_' or '-'"
     variables = data.get("dynamic_variables")
     if variables is None:
