@@ -565,3 +565,57 @@ def test_well_formed_settings_of_those_kinds_are_accepted() -> None:
     )
     assert settings.elevenlabs_agent_id == "agent_01jx9abc-DEF"
     assert settings.public_url == "https://bridge.example.com"
+
+
+# -- the listening address -----------------------------------------------------------------------
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        for extra in ((), ("--workers", "2")):
+            args = ("serve", "--host", "127.0.0.1", "--port", str(port), *extra)
+            result = cli(*args, env=serve_env(port, None), cwd=tmp_path)
+            assert result.returncode == 2
+            assert_one_error_line(
+                result, f"cannot listen on 127.0.0.1:{port}", "address already in use", "--port"
+            )
+    assert list(tmp_path.iterdir()) == []  # refused before the database is opened
+
+
+async def test_the_listening_address_is_logged_once_bound(tmp_path: Path) -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        CALLBRIDGE,
+        *("serve", "--host", "127.0.0.1", "--port", str(port), "--json-logs"),
+        env=serve_env(port, None),
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    events: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(30):
+            while not any(e.get("event") == "server.listening" for e in events):
+                line = await proc.stderr.readline()
+                if not line:
+                    break
+                events.append(json.loads(line))
+        # Bound and served: a connection is taken now.
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.close()
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    names = [e.get("event") for e in events]
+    assert "server.listening" in names, events
+    listening = events[names.index("server.listening")]
+    assert listening["host"] == "127.0.0.1" and listening["port"] == port
+    assert names.index("server.started") < names.index("server.listening")
+    assert proc.returncode == 0

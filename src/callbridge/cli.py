@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -141,6 +142,33 @@ def _serve_settings(args: argparse.Namespace | None) -> Settings:
 EXIT_RECORDS_UNWRITTEN = 3
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts: a port in use is one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        if isinstance(exc, socket.gaierror):
+            raise CliError(f"cannot listen on {where}: cannot resolve the host {host!r} (--host)") from None
+        reason = (exc.strerror or type(exc).__name__).lower()
+        if exc.errno == errno.EADDRINUSE:
+            fix = "another process listens there: stop it or choose another --port"
+        elif exc.errno == errno.EACCES:
+            fix = "ports below 1024 need privileges: choose --port 1024 or more"
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            fix = "this machine has no such address: use --host 0.0.0.0 or one of its addresses"
+        else:
+            fix = "check --host and --port"
+        raise CliError(f"cannot listen on {where}: {reason} ({fix})") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def _run_server(settings: Settings, host: str, port: int, sockets: list[Any] | None = None) -> int:
     from callbridge.server.app import create_app
     from callbridge.server.run import GracefulServer, make_config
@@ -166,14 +194,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise CliError(f"--workers must be 1 or more (one per CPU core is typical), got {args.workers}")
     settings = _serve_settings(args)
+    sock = _bind(args.host, args.port)  # before any log line: a port in use is the only line
     configure_logging(args.log_level, args.json_logs)
     if not settings.api_token:
         logging.getLogger("callbridge").warning(
             "CALLBRIDGE_API_TOKEN is not set: the /calls API answers 503 until it is"
         )
-    _preflight(settings)  # once, in this process, also when there are workers
-    if args.workers <= 1:
-        return _run_server(settings, args.host, args.port)
+    try:
+        _preflight(settings)  # once, in this process, also when there are workers
+        if args.workers <= 1:
+            return _run_server(settings, args.host, args.port, [sock])
+    except BaseException:
+        sock.close()
+        raise
     # Each worker is its own process with its own calls, built from the environment
     # (flags are put there first); SIGTERM is forwarded and each worker drains its calls.
     from callbridge.config import ENV_VARS
@@ -184,19 +217,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ[ENV_VARS[name]] = str(value)
     os.environ["CALLBRIDGE_LOG_LEVEL"] = args.log_level
     os.environ["CALLBRIDGE_JSON_LOGS"] = "1" if args.json_logs else "0"
-    return _supervise(args.host, args.port, args.workers)
+    return _supervise(sock, args.workers)
 
 
-def _supervise(host: str, port: int, workers: int) -> int:
+def _supervise(sock: socket.socket, workers: int) -> int:
     import multiprocessing
     import signal
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
     ctx = multiprocessing.get_context("spawn")
     procs = [
         ctx.Process(target=_worker, kwargs={"sockets": [sock], "index": i}, daemon=False)

@@ -54,6 +54,17 @@ class GracefulServer(uvicorn.Server):
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started:
+            return
+        # Only now is the address taken and served: the lifespan ran before.
+        for server in getattr(self, "servers", []):
+            for sock in server.sockets or ():
+                address = sock.getsockname()
+                if isinstance(address, tuple):
+                    log_event(log, "server.listening", host=address[0], port=address[1])
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining is not None or self._loop is None:
             self.force_exit = True
