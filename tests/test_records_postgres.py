@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from callbridge.call import CallRecord
 from callbridge.emulators.elevenlabs import AgentEmulator
 from callbridge.emulators.twilio import TwilioEmulator
+from callbridge.logs import JsonFormatter
 from callbridge.store import CallStore, iter_spool
 from tests.pgserver import PostgresServer
 from tests.serverkit import (
@@ -149,7 +151,10 @@ async def test_hung_database_never_delays_a_call_or_shutdown(
     assert not spool_exists(store)
 
 
-async def test_a_refused_value_costs_its_own_field_only(tmp_path: Path, pg_url: str) -> None:
+async def test_a_refused_value_costs_its_own_field_only(
+    tmp_path: Path, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="callbridge")
     store = pg_store(pg_url, tmp_path)
     await store.init()
     now = datetime.now(UTC)
@@ -178,6 +183,11 @@ async def test_a_refused_value_costs_its_own_field_only(tmp_path: Path, pg_url: 
     assert refused["from"] == "+15550002222" and refused["transcript"] == [{"role": "agent", "text": "Hi"}]
     assert rows[after.call_sid]["end_reason"] == "caller_hung_up"
     assert store.quarantined == 0 and not spool_exists(store)
+    refusals = [r for r in caplog.records if getattr(r, "cb_event", None) == "store.write_refused"]
+    assert len(refusals) == 1, caplog.text
+    line = json.loads(JsonFormatter().format(refusals[0]))
+    assert line["level"] == "error" and line["call_sid"] == bad.call_sid
+    assert line["refused_fields"] == "end_detail"
 
 
 async def test_a_long_sip_caller_id_is_recorded(twilio: TwilioEmulator, tmp_path: Path, pg_url: str) -> None:

@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never, wait_exponential_jitter
 
 from callbridge.config import SPOOL_FILE, redact_url
+from callbridge.logs import log_event
 from callbridge.record import CallRecord
 from callbridge.store.files import QUARANTINE_NAME, append_lines, iter_spool
 from callbridge.store.migrate import migrate as migrate_schema
@@ -430,12 +431,14 @@ class CallStore(Reads):
         where = CALLS.c.call_sid == call_sid
         note = update(CALLS).where(where).values(refused_fields=",".join(refused) or None)
         await self._bounded(functools.partial(_execute, statement=note))
-        log.error(
-            "store: the database refused %s of call %s (%s); the record is written without %s",
-            ", ".join(refused) or "the record as one write",
-            call_sid,
-            short(exc),
-            "them" if refused else "nothing",
+        log_event(
+            log,
+            "store.write_refused",
+            logging.ERROR,
+            call_sid=call_sid,
+            error=short(exc),
+            # The record is written without these; none: refused as one write, written field by field.
+            refused_fields=",".join(refused) or "none",
         )
 
     # -- spool and quarantine ---------------------------------------------------------

@@ -29,6 +29,7 @@ from twilio.rest import Client
 # Imported here, at start-up, instead.
 import twilio.rest.api.v2010.account.call  # noqa: F401  isort: skip
 
+from callbridge.logs import log_event
 from callbridge.telephony.base import CallControlError, Destination, HangupOutcome, PlacedCall
 from callbridge.telephony.twilio.twiml import connect_twiml, dial_twiml
 
@@ -123,7 +124,8 @@ class TwilioCallControl:
         self._http = None
         self._client = None
 
-    async def _with_retries(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+    async def _with_retries(self, operation: str, call_sid: str, op: Callable[[], Awaitable[T]]) -> T:
+        what = f"{operation} of {call_sid}"
         policy = self.retry
         loop = asyncio.get_running_loop()
         deadline = loop.time() + policy.deadline
@@ -147,13 +149,15 @@ class TwilioCallControl:
                     delay = min(max(delay, hinted), policy.max_delay)
                 if loop.time() + delay >= deadline:
                     break
-                log.warning(
-                    "twilio.retry %s failed (%s), attempt %d/%d, retrying in %.2fs",
-                    what,
-                    _describe(exc),
-                    attempt,
-                    policy.attempts,
-                    delay,
+                log_event(
+                    log,
+                    "twilio.retry",
+                    logging.WARNING,
+                    operation=operation,
+                    call_sid=call_sid,
+                    error=_describe(exc),
+                    attempt=f"{attempt}/{policy.attempts}",
+                    retry_in_s=delay,
                 )
                 await asyncio.sleep(delay)
         assert last is not None or deadline - loop.time() <= 0
@@ -170,7 +174,7 @@ class TwilioCallControl:
                 raise
             return HangupOutcome.COMPLETED
 
-        return await self._with_retries(f"hangup of {call_sid}", op)
+        return await self._with_retries("hangup", call_sid, op)
 
     async def redirect(self, call_sid: str, destination: Destination) -> None:
         """Hand the call to `destination`: its TwiML as given, or a `<Dial>` to its
@@ -180,7 +184,7 @@ class TwilioCallControl:
         async def op() -> None:
             await self.client.calls(call_sid).update_async(twiml=twiml)
 
-        await self._with_retries(f"redirect of {call_sid}", op)
+        await self._with_retries("redirect", call_sid, op)
 
     async def fetch_status(self, call_sid: str) -> str | None:
         """The call's status, or None if Twilio has no such call."""
@@ -194,7 +198,7 @@ class TwilioCallControl:
                 raise
             return str(call.status)
 
-        return await self._with_retries(f"fetch of {call_sid}", op)
+        return await self._with_retries("fetch", call_sid, op)
 
     async def place_call(
         self,
