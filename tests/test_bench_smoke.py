@@ -42,3 +42,24 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert runs["callbridge"]["hangup"]["ended_by"] == {"rest": 5}
     assert runs["callbridge"]["hangup"]["goodbye_cut_calls"] == 0
     assert runs["relay"]["rest_requests"] == 0
+
+
+def test_bench_smoke_writes_only_ignored_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make bench-smoke` (bench/run.py --smoke, no --out) never rewrites a tracked file."""
+    import importlib.util
+    import shutil
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # run.py imports its siblings
+    spec = importlib.util.spec_from_file_location("bench_run_under_test", ROOT / "bench" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    for path in (module.SMOKE_OUT, module.SMOKE_OUT.with_suffix(".md")):
+        ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", str(path)], check=False)
+        assert ignored.returncode == 0, f"{path} is not ignored by git"
+        tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--error-unmatch", str(path)],
+                                 capture_output=True, check=False)
+        assert tracked.returncode != 0, f"{path} is tracked"
