@@ -10,6 +10,7 @@ a total deadline, so teardown is never held forever by a slow API.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
 import logging
 import random
@@ -51,9 +52,39 @@ _retry_after: contextvars.ContextVar[dict[str, float] | None] = contextvars.Cont
 )
 
 
+def _basic_auth(login: str, password: str) -> str:
+    """The `Authorization` value aiohttp's (deprecated) `BasicAuth` sent: the same bytes."""
+    if ":" in login:
+        raise ValueError('A ":" is not allowed in login (RFC 1945#section-11.1)')
+    return "Basic " + base64.b64encode(f"{login}:{password}".encode("latin1")).decode("ascii")
+
+
 class _HttpClient(AsyncTwilioHttpClient):  # type: ignore[misc]
-    async def request(self, *args: Any, **kwargs: Any) -> Response:
-        response: Response = await super().request(*args, **kwargs)
+    async def request(
+        self,
+        method: str,
+        url: str,
+        params: dict[str, object] | None = None,
+        data: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        timeout: float | None = None,
+        allow_redirects: bool = False,
+    ) -> Response:
+        # The SDK would turn `auth` into aiohttp's BasicAuth and pass it as `auth=`, both
+        # deprecated in aiohttp: the header is set here instead, and the SDK gets no auth.
+        if auth is not None:
+            headers = {**(headers or {}), "Authorization": _basic_auth(auth[0], auth[1])}
+        response: Response = await super().request(
+            method,
+            url,
+            params=params,
+            data=data,
+            headers=headers,
+            auth=None,
+            timeout=timeout,
+            allow_redirects=allow_redirects,
+        )
         holder = _retry_after.get()
         value = response.headers.get("Retry-After") if response.headers else None
         if holder is not None and value is not None:
