@@ -403,10 +403,18 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from callbridge.demo import run_demo
+    import signal
+
+    from callbridge.demo import EXIT_INTERRUPTED, run_demo_interruptible
 
     configure_logging("warning" if not args.verbose else "info")
-    code: int = asyncio.run(run_demo(verbose=args.verbose))
+    try:
+        code: int = asyncio.run(run_demo_interruptible(verbose=args.verbose))
+    except KeyboardInterrupt:  # a press as the event loop closes: the demo already said so
+        code = EXIT_INTERRUPTED
+    if code == EXIT_INTERRUPTED:
+        # Interrupted and said so: a further Ctrl-C until the process is gone changes nothing.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     return code
 
 

@@ -14,10 +14,12 @@ import asyncio
 import contextlib
 import os
 import secrets
+import signal
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from callbridge.call import Call, CallHooks, CallRecord
@@ -37,7 +39,9 @@ from callbridge.server.app import create_app
 from callbridge.server.run import GracefulServer, make_config
 from callbridge.store import CallStore
 
-__all__ = ["run_demo"]
+__all__ = ["EXIT_INTERRUPTED", "run_demo", "run_demo_interruptible"]
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 ACCOUNT_SID = "AC" + "d" * 32
 CALLER, CLINIC = "+15550100001", "+15550100002"
@@ -82,6 +86,47 @@ class _Printer:
         self.line(f"{who}: {entry['text']}")
 
 
+class _DemoServer(GracefulServer):
+    """The demo's server leaves SIGINT alone: the demo's own handler stops everything."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def run_demo_interruptible(verbose: bool = False) -> int:
+    """`run_demo`, stopped at once by the first Ctrl-C (one line, exit status 130, no
+    traceback); further presses while it stops are ignored."""
+    loop = asyncio.get_running_loop()
+    demo = asyncio.ensure_future(run_demo(verbose))
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            demo.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+    except (NotImplementedError, RuntimeError):  # no loop signal handlers (Windows)
+        pass
+    try:
+        try:
+            code = await demo
+        except asyncio.CancelledError:
+            if not interrupted:
+                raise
+            code = EXIT_INTERRUPTED
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
+    if interrupted:
+        print("callbridge demo: interrupted (Ctrl-C): the call was stopped", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    return code
+
+
 async def run_demo(verbose: bool = False) -> int:
     out = _Printer()
     print("callbridge demo: one offline phone call on the built-in emulators of Twilio and ElevenLabs\n")
@@ -116,7 +161,7 @@ async def run_demo(verbose: bool = False) -> int:
 
             hooks = CallHooks(on_transcript=[out.transcript], on_call_end=[on_end])
             app = create_app(settings, hooks=hooks, tools={"check_availability": check_availability})
-            server = GracefulServer(make_config(app, "127.0.0.1", port), app.state.callbridge)
+            server = _DemoServer(make_config(app, "127.0.0.1", port), app.state.callbridge)
             serving = asyncio.ensure_future(server.serve(sockets=[sock]))
             try:
                 while not server.started:
@@ -156,7 +201,7 @@ async def run_demo(verbose: bool = False) -> int:
                 await call.wait_ended(10)
                 out.line(f"Twilio call status: {call.status} ({call.end_cause})")
             finally:
-                server.should_exit = True
+                server.should_exit = True  # at once, no drain: also on Ctrl-C (cancelled)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(serving, 10)
                 sock.close()
