@@ -190,7 +190,7 @@ class Settings:
             if value is None:
                 continue
             if isinstance(value, str) and kinds.get(name, "str") != "str":
-                flag = "--" + name.replace("_", "-")
+                flag = f"--{name.replace('_', '-')} ({ENV_VARS[name]})"
                 value, problem = _parse(flag, value.strip(), kinds[name])
                 if problem:
                     invalid[name] = problem
