@@ -102,7 +102,7 @@ class CallOptions:
     max_call_seconds: float = 3600.0
     silence_timeout: float | None = None
     final_audio_timeout: float = 15.0
-    start_timeout: float = 10.0  # from socket open to Twilio's `start`
+    start_timeout: float = 10.0  # from socket open to the stream's start (who the call is)
     agent_close_grace: float = 5.0  # after end_call, how long the agent may take to close
     hook_timeout: float = 10.0
     tool_timeout: float = 20.0
@@ -112,7 +112,7 @@ class CallOptions:
     fallback: Destination | None = None
     silence_threshold: int = 600  # peak linear amplitude that counts as the caller speaking
     # An agent that sends nothing at all (not even its pings) for this long is stuck:
-    # the caller would hear silence until max duration. ElevenLabs pings every few seconds.
+    # the caller would hear silence until max duration. Agent services ping every few seconds.
     agent_idle_timeout: float | None = 60.0
 
 

@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_never, wait_exponential_jitter
 
 from callbridge.config import SPOOL_FILE, redact_url
+from callbridge.dberrors import DatabaseError, explain
 from callbridge.logs import log_event
 from callbridge.record import CallRecord
 from callbridge.store.files import QUARANTINE_NAME, append_lines, iter_spool
@@ -66,15 +67,9 @@ T = TypeVar("T")
 
 log = logging.getLogger("callbridge.store")
 
-def _start_error(exc: BaseException, url: str) -> Exception:
-    """The one-line start-up error for a database problem (callbridge.dberrors)."""
-    try:
-        from callbridge.dberrors import DatabaseError, explain
-    except ImportError:  # pragma: no cover - dberrors is part of the package
-        return RuntimeError(f"database {redact_url(url)}: {short(exc)}")
-    if isinstance(exc, DatabaseError):
-        return exc
-    return DatabaseError(explain(exc, url))
+def _start_error(exc: BaseException, url: str) -> DatabaseError:
+    """The one-line start-up error for a database problem."""
+    return exc if isinstance(exc, DatabaseError) else DatabaseError(explain(exc, url))
 
 
 class CallStore(Reads):
@@ -137,14 +132,7 @@ class CallStore(Reads):
         CLI's `calls list/show`): only check that the records can be read; no migration,
         no spool, no writer."""
         if read_only:
-            try:
-                async with asyncio.timeout(self.timeout), self.engine.connect() as conn:
-                    found = await conn.run_sync(lambda sync: sa_inspect(sync).has_table("calls"))
-            except Exception as exc:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.engine.dispose(), self.timeout)
-                raise _start_error(exc, self.url) from None
-            if not found:
+            if not await self._opening(self._has_calls_table(), self.timeout):
                 await self._dispose(self.timeout)
                 raise _start_error(
                     LookupError(
@@ -154,17 +142,30 @@ class CallStore(Reads):
                 )
             return
         if migrate:
-            try:
-                await asyncio.wait_for(migrate_schema(self.engine, self.url), self.timeout * 6)
-            except Exception as exc:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.engine.dispose(), self.timeout)
-                raise _start_error(exc, self.url) from None
+            await self.migrate()
         self._check_spool_folder()  # after the database: a bad SQLite folder is named as such
         self._load_spool()
         self._writer_task = asyncio.ensure_future(self._writer())
         if self._pending:
             self._kick()
+
+    async def migrate(self) -> str:
+        """Upgrade the schema under the migration lock; the revision it is at."""
+        return await self._opening(migrate_schema(self.engine, self.url), self.timeout * 6)
+
+    async def _has_calls_table(self) -> bool:
+        async with self.engine.connect() as conn:
+            found: bool = await conn.run_sync(lambda sync: sa_inspect(sync).has_table("calls"))
+            return found
+
+    async def _opening(self, work: Awaitable[T], timeout: float) -> T:
+        """A step of opening the database, bounded; a failure releases the connections
+        and becomes the one-line `DatabaseError`."""
+        try:
+            return await asyncio.wait_for(work, timeout)
+        except Exception as exc:
+            await self._dispose(self.timeout)
+            raise _start_error(exc, self.url) from None
 
     async def close(self, timeout: float | None = None) -> int:
         """Write what is pending (for at most `timeout`, default the store's timeout), spool
@@ -446,8 +447,6 @@ class CallStore(Reads):
     def _check_spool_folder(self) -> None:
         folder = os.path.dirname(self.spool_path)
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-            from callbridge.dberrors import DatabaseError
-
             raise DatabaseError(
                 f"the spool folder {folder} (where records wait while the database is down) "
                 "is missing or not writable: create it or set CALLBRIDGE_SPOOL_DIR to a writable folder"
@@ -528,9 +527,6 @@ async def upgrade_database(url: str) -> str:
     """Apply the schema migrations (for `callbridge db upgrade`); returns the revision."""
     store = CallStore(url)
     try:
-        try:
-            return await asyncio.wait_for(migrate_schema(store.engine, url), store.timeout * 6)
-        except Exception as exc:
-            raise _start_error(exc, url) from None
+        return await store.migrate()
     finally:
         await store._dispose(store.timeout)
