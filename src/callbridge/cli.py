@@ -89,7 +89,12 @@ def _require_existing(url: str, args: argparse.Namespace) -> None:
 
 
 async def _open_store(
-    url: str, *, instance: str | None = None, spool_path: str | None = None, read_only: bool = False
+    url: str,
+    *,
+    instance: str | None = None,
+    spool_path: str | None = None,
+    read_only: bool = False,
+    start: bool = True,
 ) -> CallStore:
     """A store whose `init()` has run, or a CliError with one line saying why not."""
     from callbridge.store import CallStore
@@ -99,7 +104,7 @@ async def _open_store(
     except Exception as exc:  # e.g. the engine cannot be made: a missing driver, a bad URL
         raise _database_problem(exc, url) from None
     try:
-        await store.init(read_only=read_only)
+        await store.init(read_only=read_only, start=start)
     except Exception as exc:
         with contextlib.suppress(Exception):
             await store.close()
@@ -115,6 +120,7 @@ def _preflight(settings: Settings) -> None:
             settings.database_url,
             instance=settings.instance_id,
             spool_path=settings.spool_path(),
+            start=False,  # the server takes the spool back itself, before crash recovery
         )
         await store.close()
 

@@ -125,12 +125,13 @@ class CallStore(Reads):
 
     # -- life ---------------------------------------------------------------------------
 
-    async def init(self, migrate: bool = True, read_only: bool = False) -> None:
+    async def init(self, migrate: bool = True, read_only: bool = False, start: bool = True) -> None:
         """Upgrade the schema (under the migration lock), take back what an earlier run
         spooled, and start the writer. A database that cannot be opened raises
         `callbridge.dberrors.DatabaseError` with one line for the user. `read_only` (the
         CLI's `calls list/show`): only check that the records can be read; no migration,
-        no spool, no writer."""
+        no spool, no writer. `start=False` (the server's check before it listens): migrate
+        and check the spool folder only; the spool is taken back by the server itself."""
         if read_only:
             if not await self._opening(self._has_calls_table(), self.timeout):
                 await self._dispose(self.timeout)
@@ -144,6 +145,8 @@ class CallStore(Reads):
         if migrate:
             await self.migrate()
         self._check_spool_folder()  # after the database: a bad SQLite folder is named as such
+        if not start:
+            return
         self._load_spool()
         self._writer_task = asyncio.ensure_future(self._writer())
         if self._pending:
