@@ -29,20 +29,15 @@ from callbridge.call import (
 )
 from callbridge.logs import log_event
 from callbridge.telephony.base import CallControl, StreamInfo, TelephonyLeg
-from callbridge.telephony.twilio.params import DYNAMIC_VARIABLE_PREFIX
 from callbridge.telephony.twilio.stream import TwilioMediaStream
 from callbridge.transport import MessageSocket, WebsocketsSocket
 
-__all__ = ["DYNAMIC_VARIABLE_PREFIX", "Bridge", "BridgeStats", "default_context"]
+__all__ = ["Bridge", "BridgeStats"]
 
 log = logging.getLogger("callbridge.bridge")
 
 # A Twilio media message is ~300 bytes; nothing legitimate comes close to this.
 MAX_MEDIA_STREAM_MESSAGE = 64 * 1024
-
-
-# The agent's view of a call: the carrier-neutral fields of its stream (the earlier name).
-default_context = context_from_stream
 
 
 @dataclass
@@ -72,7 +67,7 @@ class Bridge:
         hooks: CallHooks | None = None,
         tools: Mapping[str, Tool] | None = None,
         sink: RecordSink | None = None,
-        context_factory: Callable[[StreamInfo], AgentCallContext] = default_context,
+        context_factory: Callable[[StreamInfo], AgentCallContext] = context_from_stream,
         stream_validator: Callable[[StreamInfo], str | None] | None = None,
         leg_factory: Callable[[MessageSocket], TelephonyLeg] | None = None,
     ) -> None:

@@ -34,9 +34,7 @@ from callbridge.logs import log_event
 from callbridge.telephony.base import CallControlError, Destination, HangupOutcome, PlacedCall
 from callbridge.telephony.twilio.twiml import connect_twiml, dial_twiml
 
-__all__ = ["ALREADY_ENDED_CODES", "OutboundCall", "RetryPolicy", "TwilioCallControl"]
-
-OutboundCall = PlacedCall  # the earlier name
+__all__ = ["ALREADY_ENDED_CODES", "RetryPolicy", "TwilioCallControl"]
 
 log = logging.getLogger("callbridge.twilio")
 
