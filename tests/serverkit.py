@@ -10,6 +10,7 @@ import contextlib
 import os
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -199,20 +200,28 @@ def free_port() -> int:
         return port
 
 
-def _tail(log: Path | None) -> str:
-    return log.read_text()[-2000:] if log is not None and log.exists() else ""
+def _tail(log: Path) -> str:
+    return log.read_text()[-2000:] if log.exists() else ""
 
 
-def _server_log(log: Path | None) -> Any:
-    """Where the server's stderr goes: `log`, or SERVE_LOG=path, or nowhere."""
-    path = log or os.environ.get("SERVE_LOG")
-    return open(path, "ab") if path else asyncio.subprocess.DEVNULL  # the child writes it
+def _log_path(log: Path | None) -> Path:
+    """Where the server's stderr goes: `log`, or SERVE_LOG=path, or a fresh temporary file
+    (so that a server that does not come up always says why)."""
+    if log is not None:
+        return log
+    given = os.environ.get("SERVE_LOG")
+    return Path(given) if given else Path(tempfile.mkdtemp(prefix="callbridge-serve-")) / "serve.log"
+
+
+def _server_log(log: Path) -> Any:
+    return open(log, "ab")  # the child writes it
 
 
 async def serve_cli(
     env: dict[str, str], port: int, cwd: Path | None = None, log: Path | None = None
 ) -> asyncio.subprocess.Process:
     """`callbridge serve` on 127.0.0.1:`port` in a subprocess, returned once /healthz answers 200."""
+    log = _log_path(log)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

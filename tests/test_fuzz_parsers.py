@@ -171,7 +171,9 @@ CALL_SID = "CA" + "0" * 32
 KEYPAD = "0123456789*#ABCD"
 
 
-def twilio_start(stream_sid: str = STREAM_SID, call_sid: str = CALL_SID, **params: str) -> dict[str, Any]:
+def twilio_start(
+    stream_sid: str = STREAM_SID, call_sid: str = CALL_SID, params: dict[str, str] | None = None
+) -> dict[str, Any]:
     return {
         "event": "start",
         "sequenceNumber": "1",
@@ -180,7 +182,7 @@ def twilio_start(stream_sid: str = STREAM_SID, call_sid: str = CALL_SID, **param
             "streamSid": stream_sid,
             "callSid": call_sid,
             "tracks": ["inbound"],
-            "customParameters": params,
+            "customParameters": params or {},
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
         },
         "streamSid": stream_sid,
@@ -189,7 +191,7 @@ def twilio_start(stream_sid: str = STREAM_SID, call_sid: str = CALL_SID, **param
 
 TWILIO_VALID: dict[str, dict[str, Any]] = {
     "connected": {"event": "connected", "protocol": "Call", "version": "1.0.0"},
-    "start": twilio_start(cb_ref=CALL_SID, cb_token="t" * 40),
+    "start": twilio_start(params={"cb_ref": CALL_SID, "cb_token": "t" * 40}),
     "media": {
         "event": "media",
         "sequenceNumber": "4",
@@ -304,7 +306,7 @@ def test_twilio_near_valid_messages_are_warnings_or_consistent_events(kind: str,
 )
 def test_twilio_valid_start_round_trips(stream_sid: str, call_sid: str, params: dict[str, str]) -> None:
     p = TwilioStreamProtocol()
-    event = p.receive(json.dumps(twilio_start(stream_sid, call_sid, **params)))
+    event = p.receive(json.dumps(twilio_start(stream_sid, call_sid, params)))
     assert event == StreamInfo(stream_sid, call_sid, "AC" + "0" * 32, params, ("inbound",))
     assert (p.stream_sid, p.call_sid) == (stream_sid, call_sid)
     assert_outgoing_frames_are_json(p, stream_sid)
