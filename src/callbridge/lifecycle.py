@@ -43,6 +43,11 @@ class EndReason(StrEnum):
     # The call was answered with stream TwiML but its media stream never connected
     # (closed by the server's stream watchdog; a `Call` never ends this way).
     NO_MEDIA_STREAM = "no_media_stream"
+    # The instance that held the call stopped (crashed, killed, lost its database lease):
+    # another instance (or its own next run) hung the call up and closed its record.
+    INSTANCE_LOST = "instance_lost"
+    # An outbound call reached an answering machine and was hung up (machine detection `hangup`).
+    VOICEMAIL = "voicemail"
 
 
 class CallState(StrEnum):
@@ -100,6 +105,8 @@ END_POLICY: Mapping[EndReason, EndPolicy] = {
     EndReason.SHUTDOWN: EndPolicy(play_goodbye=False, phone=PhoneAction.HANG_UP),
     EndReason.TELEPHONY_ERROR: EndPolicy(play_goodbye=False, phone=PhoneAction.HANG_UP),
     EndReason.NO_MEDIA_STREAM: EndPolicy(play_goodbye=False, phone=PhoneAction.HANG_UP),
+    EndReason.INSTANCE_LOST: EndPolicy(play_goodbye=False, phone=PhoneAction.HANG_UP),
+    EndReason.VOICEMAIL: EndPolicy(play_goodbye=False, phone=PhoneAction.HANG_UP),
 }
 
 

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import JSON, DateTime, Float, Index, String, Table, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Table, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["CALLS", "CORE_COLUMNS", "OPTIONAL_COLUMNS", "CallRow", "row_to_dict"]
+__all__ = ["CALLS", "CORE_COLUMNS", "FLEET_CALLS", "INSTANCES", "OPTIONAL_COLUMNS", "CallRow", "row_to_dict"]
 
 # Columns every row has a value for; a record the database refuses is written with these
 # first, then the others one by one.
@@ -35,6 +35,8 @@ OPTIONAL_COLUMNS = (
     "timeline",
     "twilio_events",
     "metrics",
+    "answered_by",
+    "analysis",
 )
 # What a refused JSON column is written as (they are NOT NULL).
 EMPTY_JSON: dict[str, Any] = {"transcript": [], "timeline": [], "twilio_events": [], "metrics": {}}
@@ -81,6 +83,8 @@ class CallRow(Base):
     instance: Mapped[str | None] = mapped_column(String)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=lambda: datetime.now(UTC))
     refused_fields: Mapped[str | None] = mapped_column(Text)
+    answered_by: Mapped[str | None] = mapped_column(Text)  # Twilio's AnsweredBy (detection on)
+    analysis: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the post-call analysis
 
     __table_args__ = (
         Index("ix_calls_status", "status"),
@@ -89,7 +93,43 @@ class CallRow(Base):
     )
 
 
+class InstanceRow(Base):
+    """One running process of the fleet and its lease (`fleet.py`)."""
+
+    __tablename__ = "instances"
+
+    instance_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    run_id: Mapped[str] = mapped_column(Text)
+    host: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    renewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    live_calls: Mapped[int] = mapped_column(Integer, default=0)
+    reconciled_by: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_instances_expires_at", "expires_at"),)
+
+
+class FleetCallRow(Base):
+    """Which instance holds a call, and whether its stream token was used (`fleet.py`)."""
+
+    __tablename__ = "fleet_calls"
+
+    call_sid: Mapped[str] = mapped_column(Text, primary_key=True)
+    instance: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(Text)  # answered | live | ended
+    stream_used: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_fleet_calls_instance_state", "instance", "state"),)
+
+
 CALLS = cast(Table, CallRow.__table__)
+INSTANCES = cast(Table, InstanceRow.__table__)
+FLEET_CALLS = cast(Table, FleetCallRow.__table__)
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -131,6 +171,8 @@ def row_to_dict(row: Mapping[str, Any]) -> dict[str, Any]:
         "transcript": row.get("transcript") or [],
         "timeline": row.get("timeline") or [],
         "metrics": row.get("metrics") or {},
+        "answered_by": row.get("answered_by"),
+        "analysis": row.get("analysis"),
         "refused_fields": refused.split(",") if refused else [],
     }
 
