@@ -115,6 +115,7 @@ async def _open_store(
 def _preflight(settings: Settings) -> None:
     """Open the database, set it up, close it: before uvicorn starts, so that a database
     that cannot be opened is one line and exit status 2, not a traceback from the lifespan."""
+
     async def check() -> None:
         store = await _open_store(
             settings.database_url,

@@ -316,4 +316,3 @@ async def connect(
         raise
     conn._start_keepalive()
     return conn
-

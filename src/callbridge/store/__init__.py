@@ -67,6 +67,7 @@ T = TypeVar("T")
 
 log = logging.getLogger("callbridge.store")
 
+
 def _start_error(exc: BaseException, url: str) -> DatabaseError:
     """The one-line start-up error for a database problem."""
     return exc if isinstance(exc, DatabaseError) else DatabaseError(explain(exc, url))
@@ -519,7 +520,6 @@ class CallStore(Reads):
             log.error("store: %s; moved to %s", why, self.quarantine_path)
         except OSError as err:
             log.critical("store: %s; and it could not be kept in %s (%r)", why, self.quarantine_path, err)
-
 
 
 async def _execute(conn: AsyncConnection, statement: Any) -> Any:

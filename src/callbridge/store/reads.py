@@ -57,7 +57,6 @@ class Reads:
         found = result.mappings().first()
         return dict(found) if found is not None else None
 
-
     async def _read(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """`work` on a connection, answered or given up within `timeout`. The read runs in
         its own task: giving up on a hung server must not wait for its connection's
