@@ -494,6 +494,15 @@ def test_db_upgrade_on_a_real_postgres(pg_url: str) -> None:
 # -- settings refused at start: one line naming the variable and what would be valid -------------
 
 
+def test_several_workers_on_sqlite_are_refused_naming_postgresql(tmp_path: Path) -> None:
+    port = free_port()
+    args = ("serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2")
+    result = cli(*args, env=serve_env(port, None), cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_error_line(result, "--workers 2 needs PostgreSQL", "CALLBRIDGE_DATABASE_URL=postgresql")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was made
+
+
 @pytest.mark.parametrize("workers", ["0", "-2"])
 def test_serve_refuses_fewer_than_one_worker(tmp_path: Path, workers: str) -> None:
     port = free_port()
@@ -575,9 +584,10 @@ def test_a_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        for extra in ((), ("--workers", "2")):
+        pg = f"postgresql+asyncpg://callbridge:{SECRET}@127.0.0.1:{free_port()}/calls"
+        for extra, database in (((), None), (("--workers", "2"), pg)):
             args = ("serve", "--host", "127.0.0.1", "--port", str(port), *extra)
-            result = cli(*args, env=serve_env(port, None), cwd=tmp_path)
+            result = cli(*args, env=serve_env(port, database), cwd=tmp_path)
             assert result.returncode == 2
             assert_one_error_line(
                 result, f"cannot listen on 127.0.0.1:{port}", "address already in use", "--port"

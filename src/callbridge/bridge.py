@@ -29,7 +29,7 @@ from callbridge.call import (
 )
 from callbridge.logs import log_event
 from callbridge.telephony.base import CallControl, StreamInfo, TelephonyLeg
-from callbridge.telephony.twilio.stream import TwilioMediaStream
+from callbridge.telephony.twilio.stream import StreamValidator, TwilioMediaStream
 from callbridge.transport import MessageSocket, WebsocketsSocket
 
 __all__ = ["Bridge", "BridgeStats"]
@@ -68,7 +68,7 @@ class Bridge:
         tools: Mapping[str, Tool] | None = None,
         sink: RecordSink | None = None,
         context_factory: Callable[[StreamInfo], AgentCallContext] = context_from_stream,
-        stream_validator: Callable[[StreamInfo], str | None] | None = None,
+        stream_validator: StreamValidator | None = None,
         leg_factory: Callable[[MessageSocket], TelephonyLeg] | None = None,
     ) -> None:
         self.agent_factory = agent_factory

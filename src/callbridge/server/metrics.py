@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from callbridge.call import EndReason
 from callbridge.server.state import AppState
 
-__all__ = ["BridgeCollector", "healthz", "metrics"]
+__all__ = ["BridgeCollector", "healthz", "metrics", "readyz"]
 
 SIGNED_ROUTES = ("/twilio/inbound", "/twilio/status", "/twilio/media-stream")
 
@@ -90,3 +90,19 @@ async def healthz(request: Request) -> Response:
     bridge = state.bridge
     body = {"status": "ok" if bridge.accepting else "draining", "live_calls": bridge.live_calls}
     return JSONResponse(body, status_code=200 if bridge.accepting else 503)
+
+
+async def readyz(request: Request) -> Response:
+    """Whether a load balancer should send this instance new calls: 503 while it drains
+    or while its database lease is not held (another instance may be reconciling its calls)."""
+    state: AppState = request.app.state.callbridge
+    fleet = state.fleet
+    lease = fleet is None or fleet.lease_ok
+    ready = state.bridge.accepting and lease
+    body = {
+        "status": "ready" if ready else ("draining" if not state.bridge.accepting else "no_lease"),
+        "instance": state.settings.instance_id,
+        "lease": "held" if lease else "not held",
+        "live_calls": state.bridge.live_calls,
+    }
+    return JSONResponse(body, status_code=200 if ready else 503)

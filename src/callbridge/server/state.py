@@ -8,7 +8,6 @@ the call of a verified media stream.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,8 @@ from callbridge.bridge import Bridge
 from callbridge.call import EndReason
 from callbridge.config import Settings
 from callbridge.logs import log_event
+from callbridge.server.fleet import Fleet
+from callbridge.server.postcall import PostCall
 from callbridge.server.streamwatch import END_STATUSES, ExpectedCall, StreamWatch
 from callbridge.server.tokens import StreamTokens
 from callbridge.store import CallStore
@@ -45,7 +46,8 @@ class AppState:
     signatures: TwilioSignatures
     streamwatch: StreamWatch  # closes calls whose stream never connects
     registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
-    reconciled: asyncio.Event = field(default_factory=asyncio.Event)  # crash recovery has run
+    fleet: Fleet | None = None  # this process among the instances on the database (server/fleet.py)
+    postcall: PostCall | None = None  # post-call analysis: fetches and the webhook (server/postcall.py)
     unwritten: int = 0  # calls whose records were left in the spool at shutdown
 
     # -- capacity and stream tokens -------------------------------------------------
@@ -62,9 +64,12 @@ class AppState:
         self.tokens.reserve(call_sid)
         self.streamwatch.expect(call_sid, expected)
 
-    def check_stream(self, info: StreamInfo) -> str | None:
-        """The bridge's stream validator: why a stream is refused, or None."""
+    async def check_stream(self, info: StreamInfo) -> str | None:
+        """The bridge's stream validator: why a stream is refused, or None. The token is
+        checked here, then (PostgreSQL) taken once across the fleet."""
         problem = self.tokens.check(info)
+        if problem is None and self.fleet is not None and not await self.fleet.stream_started(info.call_sid):
+            problem = "stream token already used (the call's stream was taken on another instance)"
         if problem is None:
             self.streamwatch.connected(info.call_sid)
         return problem
@@ -83,11 +88,20 @@ class AppState:
     def accepting(self) -> bool:
         return self.bridge.accepting
 
-    def answer_call(self, call_sid: str, direction: str, from_: str, to: str) -> dict[str, str] | None:
-        if not self.bridge.accepting or not self.has_capacity():
+    async def answer_call(self, call_sid: str, direction: str, from_: str, to: str) -> dict[str, str] | None:
+        full = not self.bridge.accepting or not self.has_capacity()
+        fleet_full = not full and self.fleet is not None and not await self.fleet.answered(call_sid)
+        if full or fleet_full:
             self.bridge.stats.calls_rejected += 1
             log_event(
-                log, "call.rejected", logging.WARNING, call_sid=call_sid, live_calls=self.bridge.live_calls
+                log,
+                "call.rejected",
+                logging.WARNING,
+                call_sid=call_sid,
+                live_calls=self.bridge.live_calls,
+                why="fleet at CALLBRIDGE_FLEET_MAX_CONCURRENT_CALLS"
+                if fleet_full
+                else "instance full or draining",
             )
             return None
         token = self.tokens.token(call_sid)
@@ -104,6 +118,8 @@ class AppState:
         call = self.bridge.find(call_sid)
         if call is not None:
             call.carrier_ended(f"status callback: {status}", after=STREAM_FIRST_SECONDS)
+        elif self.fleet is not None and await self.fleet.status_elsewhere(call_sid, status):
+            self.streamwatch.connected(call_sid)  # its stream runs on the instance told
         elif await self.streamwatch.carrier_ended(call_sid, status):
             pass  # answered here but its stream never connected: closed `no_media_stream`
         elif status != "completed":
@@ -111,7 +127,9 @@ class AppState:
             await self.store.close_record(call_sid, EndReason.TELEPHONY_ERROR.value, f"call {status}")
 
     async def take_stream(self, socket: MessageSocket) -> None:
-        await self.bridge.handle_media_stream(socket)
+        record = await self.bridge.handle_media_stream(socket)
+        if self.fleet is not None and record.call_sid is not None:
+            self.fleet.call_ended(record.call_sid)
 
 
 async def stream_settled(store: CallStore, call_sid: str) -> bool:

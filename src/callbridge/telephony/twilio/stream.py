@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from callbridge.telephony.base import (
     CallerHungUp,
@@ -19,7 +20,10 @@ from callbridge.telephony.twilio.params import read_stream_parameters
 from callbridge.telephony.twilio.protocol import Connected, TwilioStreamProtocol
 from callbridge.transport import MessageSocket, SocketClosed
 
-__all__ = ["TwilioMediaStream"]
+__all__ = ["StreamValidator", "TwilioMediaStream"]
+
+# Checks a stream's start (e.g. the per-call token): why it is refused, or None.
+StreamValidator = Callable[[StreamInfo], str | Awaitable[str | None] | None]
 
 log = logging.getLogger("callbridge.twilio")
 
@@ -31,7 +35,7 @@ class TwilioMediaStream:
         self,
         socket: MessageSocket,
         close_timeout: float = 2.0,
-        validator: Callable[[StreamInfo], str | None] | None = None,
+        validator: StreamValidator | None = None,
     ) -> None:
         self._socket = socket
         # Checks the start (e.g. our per-call token); returns why the stream is refused.
@@ -63,6 +67,8 @@ class TwilioMediaStream:
             if isinstance(event, StreamInfo):
                 event = read_stream_parameters(event)
                 problem = self._validator(event) if self._validator is not None else None
+                if inspect.isawaitable(problem):
+                    problem = await problem
                 if problem is not None:
                     await self._refuse(problem)
                 return event
