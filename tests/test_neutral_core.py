@@ -122,6 +122,12 @@ class ScriptedAgent:
     async def send_tool_result(self, call_id: str, result: str, is_error: bool) -> None:
         pass
 
+    async def send_user_message(self, text: str) -> None:
+        pass
+
+    async def send_contextual_update(self, text: str) -> None:
+        pass
+
     async def close(self, code: int = 1000) -> None:
         self.closed = True
         self._closing.set()

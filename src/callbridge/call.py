@@ -27,7 +27,7 @@ import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,6 +51,7 @@ from callbridge.audio import (
     ulaw_peak,
 )
 from callbridge.hooks import CallHooks, Hook, Tool
+from callbridge.keypad import KeypadEntry, KeypadGatherer, render_digits
 from callbridge.lifecycle import (
     END_POLICY,
     TRANSITIONS,
@@ -77,6 +78,7 @@ from callbridge.telephony.base import (
     TelephonyLeg,
     TelephonyWarning,
 )
+from callbridge.transfer import TRANSFER_TOOL, AllowList, TransferRefused, check_destination, is_number
 
 __all__ = [
     "Call",
@@ -114,6 +116,16 @@ class CallOptions:
     # An agent that sends nothing at all (not even its pings) for this long is stuck:
     # the caller would hear silence until max duration. Agent services ping every few seconds.
     agent_idle_timeout: float | None = 60.0
+    # Keypad presses go to the agent as one user message per entry (ended by `#` or by
+    # `dtmf_gap` seconds without a key); `{digits}` is replaced by the digits, space-separated.
+    dtmf_to_agent: bool = True
+    dtmf_gap: float = 2.0
+    dtmf_message: str = "The caller pressed {digits}"
+    dtmf_max_digits: int = 32
+    # Where the agent's `transfer_call` tool may send the caller (empty: nowhere), and the
+    # caller ID the person sees (None: the call's own number).
+    transfer_allow: AllowList = field(default_factory=AllowList)
+    transfer_caller_id: str | None = None
 
 
 def _now() -> datetime:
@@ -188,6 +200,14 @@ class Call:
         self._to_agent: AudioConverter | None = None
         self._to_caller: AudioConverter | None = None
         self._connect_task: asyncio.Task[Any] | None = None
+        self._keypad = KeypadGatherer(
+            self._on_keypad_entry, gap=self.options.dtmf_gap, max_digits=self.options.dtmf_max_digits
+        )
+        # A transfer under way: None, "accepted" (the agent was told yes), "playing" (its
+        # last words still playing), "redirecting" (the carrier asked to dial the person).
+        self._transfer: str | None = None
+        self._transfer_to: str | None = None
+        self._stop_during_redirect = False
         self.metrics: dict[str, Any] = {
             "agent_connect_ms": None,
             "hangup_latency_ms": None,
@@ -203,6 +223,9 @@ class Call:
             "agent_warnings": 0,
             "tool_calls": 0,
             "hook_errors": 0,
+            "dtmf_digits": 0,
+            "dtmf_dropped": 0,
+            "dtmf_messages": 0,
         }
 
     # -- public --------------------------------------------------------------
@@ -259,15 +282,43 @@ class Call:
         await self._done.wait()
         return self.record
 
-    async def transfer(self, to: str | Destination, detail: str = "") -> None:
+    async def transfer(
+        self, to: str | Destination, detail: str = "", reason: str = "", by: str = "code"
+    ) -> None:
         """Hand the phone leg to a person (an E.164 number or a SIP URI) or another
-        `Destination`; the call then ends `transferred`."""
-        if self.call_sid is None or self.control is None:
-            raise CallControlError("the call cannot be transferred: no call control")
-        destination = to if isinstance(to, Destination) else Destination(to=to)
-        await self.control.redirect(self.call_sid, destination)
-        self._phone_is(PhoneLeg.TRANSFERRED)
-        self.request_end(EndReason.TRANSFERRED, detail or f"transferred to {destination.describe()}")
+        `Destination`. The agent's audio already sent plays to its last mark (bounded by
+        `final_audio_timeout`), then the carrier is asked to connect the caller there, and
+        the call ends `transferred`. Raises `CallControlError` when that did not happen:
+        no call control, the call already ending, another transfer under way, the caller
+        gone meanwhile, or the redirect failed after its retries (the call then ends
+        `telephony_error`, hung up, or `caller_hung_up`). The allow-list is not checked
+        here: your code decides (the agent's tool and the HTTP API are checked)."""
+        self._reserve_transfer()
+        await self._hand_over(to, detail=detail, reason=reason, by=by)
+
+    async def send_user_message(self, text: str) -> bool:
+        """Text the agent takes as said by the caller, and answers. False: no open agent session."""
+        sent = await self._to_agent_text("user_message", text)
+        if sent:
+            self._mark("agent.user_message", text=text[:200])
+        return sent
+
+    async def send_contextual_update(self, text: str) -> bool:
+        """Background information for the agent (it does not answer it). False: no open session."""
+        sent = await self._to_agent_text("contextual_update", text)
+        if sent:
+            self._mark("agent.contextual_update", text=text[:200])
+        return sent
+
+    async def _to_agent_text(self, kind: str, text: str) -> bool:
+        agent = self.agent
+        if agent is None or not agent.is_open or self.end_reason is not None:
+            return False
+        if kind == "user_message":
+            await agent.send_user_message(text)
+        else:
+            await agent.send_contextual_update(text)
+        return True
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -433,7 +484,7 @@ class Call:
             output_format=ready.output_format.name,
             connect_ms=self.metrics["agent_connect_ms"],
         )
-        if self.end_reason is not None:
+        if self.end_reason is not None or self._transfer is not None:
             return
         self._set_state(CallState.ACTIVE)
         self._forward_caller = True
@@ -470,15 +521,23 @@ class Call:
             elif type(event) is MarkPlayed:
                 self._on_mark(event)
             elif type(event) is CallerHungUp:
-                self._phone_is(PhoneLeg.GONE)
                 self._mark("caller.stop")
-                self.request_end(EndReason.CALLER_HUNG_UP, event.detail or "stop received")
+                if self._transfer == "redirecting":
+                    # Twilio stops the stream when the redirect takes the call: the redirect's
+                    # answer says whether this was the transfer or the caller hanging up.
+                    self._stop_during_redirect = True
+                    continue
+                self._phone_is(PhoneLeg.GONE)
+                detail = event.detail or "stop received"
+                if self._transfer is not None:
+                    detail = f"{detail} during the transfer to {self._transfer_to}"
+                self.request_end(EndReason.CALLER_HUNG_UP, detail)
             elif type(event) is TelephonyClosed:
                 self._stream_open = False
                 self._sync_drained()
                 if not event.by_bridge:
                     self._mark("telephony.closed", code=event.code)
-                    if self.phone is PhoneLeg.UP:
+                    if self.phone is PhoneLeg.UP and self._transfer != "redirecting":
                         detail = (
                             f"media stream closed without stop (code {event.code}"
                             f"{': ' + event.reason if event.reason else ''})"
@@ -488,8 +547,7 @@ class Call:
                         self.request_end(EndReason.TELEPHONY_ERROR, detail)
                 return
             elif type(event) is Dtmf:
-                self._mark("caller.dtmf", digit=event.digit)
-                log_event(log, "caller.dtmf", call_sid=self.call_sid, digit=event.digit)
+                self._on_dtmf(event.digit)
             elif type(event) is TelephonyWarning:
                 m["telephony_warnings"] += 1
                 log_event(
@@ -527,7 +585,7 @@ class Call:
 
     def _agent_idle_check(self) -> None:
         timeout, agent = self.options.agent_idle_timeout, self.agent
-        if timeout is None or agent is None or self.end_reason is not None:
+        if timeout is None or agent is None or self.end_reason is not None or self._transfer:
             return
         idle = self._loop.time() - agent.last_received
         if idle >= timeout:
@@ -559,6 +617,8 @@ class Call:
             elif type(event) is AgentInterrupted:
                 m["interruptions"] += 1
                 self._mark("agent.interrupted")
+                if not self._forward_agent:
+                    continue  # its last words are playing out (goodbye, handover): keep them
                 if self._to_caller is not None:
                     self._to_caller.reset()  # the resampler's tail belongs to the cleared speech
                 await self.telephony.clear()
@@ -624,6 +684,8 @@ class Call:
 
     async def _on_end_call(self) -> None:
         self._mark("agent.end_call")
+        if self._transfer is not None:
+            return  # the caller is being handed to a person: the transfer ends the call
         log_event(log, "agent.end_call", call_sid=self.call_sid, conversation_id=self.conversation_id)
         if not self._end_call_hooks_ran:
             self._end_call_hooks_ran = True
@@ -638,6 +700,8 @@ class Call:
 
     def _on_agent_closed(self, event: AgentClosed) -> None:
         self._mark("agent.closed", code=event.code, detail=event.detail)
+        if self._transfer is not None:
+            return  # the agent's part is over; the transfer ends the call
         if event.by_agent:
             self.request_end(EndReason.AGENT_ENDED, event.detail)
         else:
@@ -646,7 +710,11 @@ class Call:
     async def _run_tool(self, agent: AgentSession, req: ToolCallRequest) -> None:
         tool = self.tools.get(req.name)
         self._mark("tool.call", name=req.name)
-        if tool is None:
+        handover: tuple[str, str] | None = None
+        if tool is None and req.name == TRANSFER_TOOL:
+            # Built in (a tool of your own by this name replaces it).
+            result, is_error, handover = self._transfer_tool(req.parameters)
+        elif tool is None:
             result, is_error = f"unknown tool {req.name!r}", True
         else:
             try:
@@ -663,6 +731,164 @@ class Call:
         if is_error:
             log_event(log, "tool.error", logging.WARNING, call_sid=self.call_sid, tool=req.name, error=result)
         await agent.send_tool_result(req.call_id, result, is_error)
+        if handover is not None:
+            to, reason = handover
+            try:
+                await self._hand_over(to, reason=reason, by="agent")
+            except CallControlError:
+                pass  # recorded, logged, and the call's end requested by _hand_over
+
+    # -- transfer ------------------------------------------------------------
+
+    def _transfer_tool(self, params: dict[str, Any]) -> tuple[str, bool, tuple[str, str] | None]:
+        """The agent's `transfer_call`: (result, is_error, what to hand over to)."""
+        to, reason = params.get("to"), params.get("reason")
+        reason = reason[:200] if isinstance(reason, str) else ""
+        try:
+            destination = check_destination(to, self.options.transfer_allow)
+            self._reserve_transfer()
+        except (TransferRefused, CallControlError) as exc:
+            shown = to[:100] if isinstance(to, str) else repr(to)[:100]
+            self._mark("transfer.refused", to=shown, why=str(exc))
+            log_event(
+                log, "transfer.refused", logging.WARNING, call_sid=self.call_sid, to=shown, why=str(exc)
+            )
+            return f"transfer refused: {exc}", True, None
+        self._transfer = "accepted"
+        return json.dumps({"transferring_to": destination}), False, (destination, reason)
+
+    def _reserve_transfer(self) -> None:
+        if self.call_sid is None or self.control is None:
+            raise CallControlError("the call cannot be transferred: no call control")
+        if self.end_reason is not None:
+            raise CallControlError(f"the call is already ending ({self.end_reason.value})")
+        if self._transfer is not None:
+            raise CallControlError(f"a transfer to {self._transfer_to} is already under way")
+        self._transfer = "accepted"
+
+    def _caller_id(self) -> str | None:
+        """What the person sees: the setting, else the call's own number (its From: the
+        caller on an inbound call, our number on an outbound one), else the number called."""
+        if self.options.transfer_caller_id:
+            return self.options.transfer_caller_id
+        for number in (self.record.from_number, self.record.to_number):
+            if is_number(number):
+                return number
+        return None
+
+    def _destination(self, to: str | Destination) -> Destination:
+        if isinstance(to, Destination):
+            if to.to and to.caller_id is None and not to.instructions:
+                return replace(to, caller_id=self._caller_id())
+            return to
+        return Destination(to=to, caller_id=self._caller_id())
+
+    async def _hand_over(
+        self, to: str | Destination, detail: str = "", reason: str = "", by: str = "code"
+    ) -> None:
+        """The transfer itself, once reserved: let the audio sent play, redirect, end."""
+        call_sid, control = self.call_sid, self.control
+        assert call_sid is not None and control is not None
+        destination = self._destination(to)
+        where = destination.describe()
+        self._transfer_to = where
+        self._transfer = "playing"
+        # The agent's part is over: the caller is not heard by it any more, and what it
+        # says from now on would be cut off by the redirect, so it is not played.
+        self._forward_caller = False
+        self._forward_agent = False
+        self._mark("transfer.started", to=where, by=by, reason=reason or None)
+        log_event(log, "transfer.started", call_sid=call_sid, to=where, by=by, reason=reason or None)
+        waited = await self._wait_heard()
+        self.metrics["transfer_wait_ms"] = waited
+        if self.end_reason is not None or self.phone is not PhoneLeg.UP:
+            why = self.end_reason.value if self.end_reason else self.phone.value
+            self._mark("transfer.abandoned", to=where, why=why)
+            log_event(log, "transfer.abandoned", logging.WARNING, call_sid=call_sid, to=where, why=why)
+            raise CallControlError(f"transfer to {where} abandoned: the call ended first ({why})")
+        self._mark("transfer.redirecting", to=where, waited_ms=waited)
+        self._transfer = "redirecting"
+        try:
+            await control.redirect(call_sid, destination)
+        except CallControlError as exc:
+            self._transfer = "failed"
+            self._mark("transfer.failed", to=where, error=str(exc))
+            log_event(log, "transfer.failed", logging.ERROR, call_sid=call_sid, to=where, error=str(exc))
+            if self._stop_during_redirect:
+                self._phone_is(PhoneLeg.GONE)
+                self.request_end(EndReason.CALLER_HUNG_UP, f"caller hung up during the transfer to {where}")
+            else:
+                self.request_end(
+                    EndReason.TELEPHONY_ERROR, f"transfer to {where} failed ({exc}); the call was hung up"
+                )
+            raise
+        self._phone_is(PhoneLeg.TRANSFERRED)
+        self._mark("transfer.redirected", to=where)
+        log_event(log, "transfer.redirected", call_sid=call_sid, to=where, by=by)
+        why = f" ({reason})" if reason else ""
+        self.request_end(EndReason.TRANSFERRED, detail or f"transferred to {where}{why}")
+
+    async def _wait_heard(self) -> float:
+        """Until the caller heard every mark sent (or cannot hear any more, or the call is
+        ending), at most `final_audio_timeout`; returns the milliseconds waited."""
+        t = self._loop.time()
+        self._sync_drained()
+        if not self._marks_drained.is_set() and self.end_reason is None:
+            drained = asyncio.ensure_future(self._marks_drained.wait())
+            ending = asyncio.ensure_future(self._end_requested.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {drained, ending},
+                    timeout=self.options.final_audio_timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                drained.cancel()
+                ending.cancel()
+            if not done:
+                log_event(
+                    log,
+                    "call.final_audio_timeout",
+                    logging.WARNING,
+                    call_sid=self.call_sid,
+                    pending_marks=self.telephony.pending_marks,
+                )
+        return round((self._loop.time() - t) * 1000, 1)
+
+    # -- keypad --------------------------------------------------------------
+
+    def _on_dtmf(self, digit: str) -> None:
+        m = self.metrics
+        if not self._keypad.press(digit):
+            m["dtmf_dropped"] += 1
+            dropped = m["dtmf_dropped"]
+            if dropped & (dropped - 1) == 0:  # 1, 2, 4, 8...: a flood is a few lines, not one per key
+                log_event(
+                    log, "caller.dtmf_dropped", logging.WARNING, call_sid=self.call_sid, dropped=dropped
+                )
+            return
+        m["dtmf_digits"] += 1
+        self._mark("caller.dtmf", digit=digit)
+        log_event(log, "caller.dtmf", logging.DEBUG, call_sid=self.call_sid, digit=digit)
+
+    def _on_keypad_entry(self, entry: KeypadEntry) -> None:
+        if not self.options.dtmf_to_agent:
+            return
+        agent = self.agent
+        sent = agent is not None and agent.is_open and self._forward_caller and self.end_reason is None
+        self._mark("dtmf.to_agent", digits=entry.digits, ended_by=entry.ended_by, sent=sent)
+        log_event(
+            log,
+            "dtmf.to_agent",
+            call_sid=self.call_sid,
+            digits=entry.digits,
+            ended_by=entry.ended_by,
+            sent=sent,
+        )
+        if sent and agent is not None:
+            self.metrics["dtmf_messages"] += 1
+            text = render_digits(self.options.dtmf_message, entry.digits)
+            self._spawn(agent.send_user_message(text), "keypad-to-agent", EndReason.AGENT_ERROR)
 
     # -- hooks ---------------------------------------------------------------
 
@@ -705,6 +931,9 @@ class Call:
         )
         for timer in self._timers:
             timer.cancel()
+        left = self._keypad.close()
+        if left:
+            self._mark("dtmf.unsent", digits=left)
         if self._silence_timer is not None:
             self._silence_timer.cancel()
         if self._connect_task is not None and not self._connect_task.done():
@@ -763,6 +992,7 @@ class Call:
             return
         fallback = self.options.fallback
         if action is PhoneAction.FALLBACK and fallback is not None:
+            fallback = self._destination(fallback)
             try:
                 await self.control.redirect(call_sid, fallback)
                 self._phone_is(PhoneLeg.TRANSFERRED)

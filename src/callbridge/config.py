@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from callbridge.call import CallOptions
 from callbridge.telephony.base import Destination
+from callbridge.transfer import AllowList, TransferRefused, check_destination, parse_allow_list
 
 __all__ = [
     "AGENT_ID_RE",
@@ -32,7 +34,9 @@ __all__ = [
 # once, when the settings are read, and shown absolute in every message and log line.
 SPOOL_FILE = "callbridge-unsaved-records.jsonl"
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///callbridge.db"
-SECRET_FIELDS = frozenset({"twilio_auth_token", "elevenlabs_api_key", "api_token"})
+SECRET_FIELDS = frozenset(
+    {"twilio_auth_token", "elevenlabs_api_key", "api_token", "elevenlabs_webhook_secret"}
+)
 # An ElevenLabs agent ID as the bridge accepts it (here and in the /calls API).
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -115,10 +119,26 @@ _VARS: dict[str, tuple[str, str]] = {
     "CALLBRIDGE_TOOL_TIMEOUT_SECONDS": ("tool_timeout", "pos_float"),
     "CALLBRIDGE_STREAM_CONNECT_TIMEOUT_SECONDS": ("stream_connect_timeout", "pos_float"),
     "CALLBRIDGE_INSTANCE_ID": ("instance_id", "str"),
+    "CALLBRIDGE_INSTANCE_LEASE_SECONDS": ("instance_lease_seconds", "pos_float"),
+    "CALLBRIDGE_FLEET_MAX_CONCURRENT_CALLS": ("fleet_max_concurrent_calls", "pos_int"),
     "CALLBRIDGE_SPOOL_DIR": ("spool_dir", "str"),
     "CALLBRIDGE_FALLBACK_TWIML": ("fallback_twiml", "twiml"),
+    "CALLBRIDGE_FALLBACK_TRANSFER_TO": ("fallback_transfer_to", "str"),
+    "CALLBRIDGE_TRANSFER_ALLOW": ("transfer_allow", "allow_list"),
+    "CALLBRIDGE_TRANSFER_CALLER_ID": ("transfer_caller_id", "str"),
+    "CALLBRIDGE_DTMF_TO_AGENT": ("dtmf_to_agent", "bool"),
+    "CALLBRIDGE_DTMF_GAP_SECONDS": ("dtmf_gap_seconds", "pos_float"),
+    "CALLBRIDGE_DTMF_MESSAGE": ("dtmf_message", "dtmf_message"),
+    "CALLBRIDGE_ELEVENLABS_WEBHOOK_SECRET": ("elevenlabs_webhook_secret", "str"),
+    "CALLBRIDGE_ELEVENLABS_WEBHOOK_TOLERANCE_SECONDS": ("elevenlabs_webhook_tolerance", "pos_float"),
+    "CALLBRIDGE_POST_CALL_FETCH_SECONDS": ("post_call_fetch_seconds", "nonneg_float"),
 }
 ENV_VARS: dict[str, str] = {field: var for var, (field, _kind) in _VARS.items()}
+
+
+def default_instance_id() -> str:
+    """This process's own name in the fleet: host, PID and a few random hex digits."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
 
 
 @dataclass(frozen=True)
@@ -146,10 +166,29 @@ class Settings:
     # with Twilio, hung up and closed `no_media_stream`.
     stream_connect_timeout: float = 15.0
     fallback_twiml: str | None = None
-    # Names this process in the records, so that a restart reconciles only its own calls.
-    instance_id: str = field(default_factory=socket.gethostname)
+    # After an agent failure, hand the caller to this number or SIP URI (on the allow-list).
+    fallback_transfer_to: str | None = None
+    # Where transfers may go (numbers, +prefix*, SIP domains); empty: transfers are off.
+    transfer_allow: AllowList = field(default_factory=AllowList)
+    transfer_caller_id: str | None = None  # None: the call's own number
+    dtmf_to_agent: bool = True
+    dtmf_gap_seconds: float = 2.0
+    dtmf_message: str = "The caller pressed {digits}"
+    # Names this process in the records and in the fleet's leases: unique per process
+    # unless the operator names it (then one process at a time may hold the name).
+    instance_id: str = field(default_factory=default_instance_id)
+    # An instance whose lease is not renewed for this long is dead: another reconciles its calls.
+    instance_lease_seconds: float = 30.0
+    # Live calls of all instances on one PostgreSQL database together (None: no fleet cap).
+    fleet_max_concurrent_calls: int | None = None
     # Where records that cannot be written yet wait (fsync'd), and refused ones are kept.
     spool_dir: str | None = None
+    # Post-call webhooks (POST /elevenlabs/post-call): the HMAC secret, and how old a
+    # signed timestamp may be (the docs' example: 30 minutes).
+    elevenlabs_webhook_secret: str | None = None
+    elevenlabs_webhook_tolerance: float = 1800.0
+    # How long to keep asking ElevenLabs for a finished call's analysis (0: never ask).
+    post_call_fetch_seconds: float = 600.0
 
     def __repr__(self) -> str:
         shown = []
@@ -208,6 +247,7 @@ class Settings:
             for name in needed[group]:
                 if not values.get(name) and name not in invalid:
                     problems.append(f"{ENV_VARS[name]} is required but not set")
+        problems.extend(_transfer_problems(values))
         sid = values.get("twilio_account_sid")
         if sid and not (sid.startswith("AC") and len(sid) == 34 and sid[2:].isalnum()):
             problems.append("TWILIO_ACCOUNT_SID must look like AC followed by 32 hex digits")
@@ -229,10 +269,19 @@ class Settings:
             max_call_seconds=self.max_call_seconds,
             silence_timeout=self.silence_timeout,
             final_audio_timeout=self.final_audio_timeout,
-            fallback=Destination(instructions=self.fallback_twiml) if self.fallback_twiml else None,
+            fallback=Destination(instructions=self.fallback_twiml)
+            if self.fallback_twiml
+            else Destination(to=self.fallback_transfer_to)
+            if self.fallback_transfer_to
+            else None,
             agent_idle_timeout=self.agent_idle_timeout,
             hook_timeout=self.hook_timeout,
             tool_timeout=self.tool_timeout,
+            dtmf_to_agent=self.dtmf_to_agent,
+            dtmf_gap=self.dtmf_gap_seconds,
+            dtmf_message=self.dtmf_message,
+            transfer_allow=self.transfer_allow,
+            transfer_caller_id=self.transfer_caller_id,
         )
 
     def spool_path(self) -> str:
@@ -291,8 +340,43 @@ def _parse_twiml(var: str, raw: str) -> tuple[str | None, str | None]:
     return raw, None
 
 
+def _transfer_problems(values: Mapping[str, Any]) -> list[str]:
+    """The fallback transfer destination: well formed, on the allow-list, not with fallback TwiML."""
+    to = values.get("fallback_transfer_to")
+    if not to:
+        return []
+    if values.get("fallback_twiml"):
+        return ["set CALLBRIDGE_FALLBACK_TRANSFER_TO or CALLBRIDGE_FALLBACK_TWIML, not both"]
+    try:
+        check_destination(to, values.get("transfer_allow") or AllowList())
+    except TransferRefused as exc:
+        return [f"CALLBRIDGE_FALLBACK_TRANSFER_TO: {exc} (add it to CALLBRIDGE_TRANSFER_ALLOW)"]
+    return []
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _parse(var: str, raw: str, kind: str) -> tuple[Any, str | None]:
     if kind == "str":
+        return raw, None
+    if kind == "bool":
+        if raw.lower() in _TRUE:
+            return True, None
+        if raw.lower() in _FALSE:
+            return False, None
+        return None, f"{var} must be 1 or 0 (true/false, on/off), got {raw!r}"
+    if kind == "allow_list":
+        try:
+            return parse_allow_list(raw), None
+        except ValueError as exc:
+            return None, f"{var}: {exc}"
+    if kind == "dtmf_message":
+        if "{digits}" not in raw:
+            return (
+                None,
+                f"{var} must contain {{digits}} where the digits go, e.g. 'The caller pressed {{digits}}'",
+            )
         return raw, None
     if kind == "url":
         if "://" not in raw and " " not in raw and not raw.startswith("/"):

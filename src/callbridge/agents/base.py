@@ -135,6 +135,16 @@ class AgentSession(Protocol):
 
     async def send_tool_result(self, call_id: str, result: str, is_error: bool) -> None: ...
 
+    async def send_user_message(self, text: str) -> None:
+        """Text from the caller's side that the agent answers as if spoken (keypad digits);
+        silently dropped once closed."""
+        ...
+
+    async def send_contextual_update(self, text: str) -> None:
+        """Background information for the agent that asks for no answer (e.g. what happened
+        on the call); silently dropped once closed."""
+        ...
+
     async def close(self, code: int = 1000) -> None:
         """Close (normally: 1000) if still open; idempotent, bounded in time."""
         ...

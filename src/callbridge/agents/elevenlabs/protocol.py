@@ -149,6 +149,14 @@ class ElevenLabsProtocol:
         )
 
     @staticmethod
+    def user_message(text: str) -> str:
+        return json.dumps({"type": "user_message", "text": text})
+
+    @staticmethod
+    def contextual_update(text: str) -> str:
+        return json.dumps({"type": "contextual_update", "text": text})
+
+    @staticmethod
     def pong(event_id: int) -> str:
         return '{"type":"pong","event_id":' + str(int(event_id)) + "}"
 

@@ -227,13 +227,22 @@ class ElevenLabsSession:
             self._open = False  # the reader reports how it closed
 
     async def send_tool_result(self, call_id: str, result: str, is_error: bool) -> None:
+        await self._send_text(ElevenLabsProtocol.tool_result(call_id, result, is_error))
+
+    async def send_user_message(self, text: str) -> None:
+        await self._send_text(ElevenLabsProtocol.user_message(text))
+
+    async def send_contextual_update(self, text: str) -> None:
+        await self._send_text(ElevenLabsProtocol.contextual_update(text))
+
+    async def _send_text(self, frame: str) -> None:
         ws = self._ws
         if ws is None or not self._open:
             return
         try:
-            await ws.send(ElevenLabsProtocol.tool_result(call_id, result, is_error))
+            await ws.send(frame)
         except ConnectionClosed:
-            self._open = False
+            self._open = False  # the reader reports how it closed
 
     async def close(self, code: int = 1000) -> None:
         ws = self._ws

@@ -31,6 +31,7 @@ The package, by responsibility (at run time each module imports only those above
 * :mod:`.conversation` — :class:`EmulatedConversation`, what crossed one connection;
 * :mod:`.connection` — one accepted socket: sending, pings, reading and checking client frames;
 * :mod:`.session` — the script played on a connection, step by step;
+* :mod:`.rest` — conversation details (``processing`` then ``done``) and signed post-call webhooks;
 * :mod:`.server` — :class:`AgentEmulator`: the loopback server, signed URLs, admission.
 
 Shared plumbing (loopback checks, task sets) is in :mod:`callbridge.emulators._common`.
@@ -49,6 +50,8 @@ from callbridge.emulators.elevenlabs.audio import (
     synth_tone,
 )
 from callbridge.emulators.elevenlabs.conversation import ClosedBy, EmulatedConversation, Sent
+from callbridge.emulators.elevenlabs.rest import CONVERSATIONS_PATH as CONVERSATION_DETAILS_PATH
+from callbridge.emulators.elevenlabs.rest import ConversationDetails, SentWebhook, sign_webhook
 from callbridge.emulators.elevenlabs.schema import CLIENT_SCHEMAS, SERVER_EVENT_TYPES, Schema, schema_problems
 from callbridge.emulators.elevenlabs.script import (
     AgentScript,
@@ -65,7 +68,9 @@ from callbridge.emulators.elevenlabs.script import (
     Stall,
     Step,
     UserTranscript,
+    WaitForContextualUpdate,
     WaitForUser,
+    WaitForUserMessage,
 )
 from callbridge.emulators.elevenlabs.server import (
     CONVERSATION_PATH,
@@ -78,6 +83,7 @@ from callbridge.emulators.elevenlabs.session import DEFAULT_ERROR_TYPES
 __all__ = [
     "AUDIO_FORMATS",
     "CLIENT_SCHEMAS",
+    "CONVERSATION_DETAILS_PATH",
     "CONVERSATION_PATH",
     "DEFAULT_ERROR_TYPES",
     "SERVER_EVENT_TYPES",
@@ -87,6 +93,7 @@ __all__ = [
     "ClientToolCall",
     "Close",
     "ClosedBy",
+    "ConversationDetails",
     "Drop",
     "EmulatedConversation",
     "EndCall",
@@ -98,11 +105,14 @@ __all__ = [
     "Schema",
     "ScriptFactory",
     "Sent",
+    "SentWebhook",
     "Sleep",
     "Stall",
     "Step",
     "UserTranscript",
+    "WaitForContextualUpdate",
     "WaitForUser",
+    "WaitForUserMessage",
     "bytes_per_second",
     "convert_mulaw8k",
     "mulaw_decode",
@@ -110,5 +120,6 @@ __all__ = [
     "resample_linear",
     "sample_rate",
     "schema_problems",
+    "sign_webhook",
     "synth_tone",
 ]

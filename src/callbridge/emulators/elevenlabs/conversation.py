@@ -59,6 +59,14 @@ class EmulatedConversation:
         """Parsed client messages, optionally only those of one ``type``."""
         return [m for _, m in self.received if type_ is None or m.get("type") == type_]
 
+    def user_messages(self) -> list[str]:
+        """The texts of the ``user_message`` frames the client sent, in order."""
+        return [str(m.get("text")) for m in self.received_messages("user_message")]
+
+    def contextual_updates(self) -> list[str]:
+        """The texts of the ``contextual_update`` frames the client sent, in order."""
+        return [str(m.get("text")) for m in self.received_messages("contextual_update")]
+
     def agent_audio(self, min_event_id: int = 0) -> bytes:
         """The agent audio sent, concatenated, from events with ``event_id >= min_event_id``."""
         out = bytearray()

@@ -24,7 +24,9 @@ __all__ = [
     "Stall",
     "Step",
     "UserTranscript",
+    "WaitForContextualUpdate",
     "WaitForUser",
+    "WaitForUserMessage",
 ]
 
 
@@ -50,6 +52,30 @@ class WaitForUser:
     """
 
     seconds: float
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class WaitForContextualUpdate:
+    """Wait until the client sends a ``contextual_update`` (background information that asks
+    for no answer), one whose text contains ``contains`` if given.
+
+    On ``timeout`` the script carries on (noted in ``EmulatedConversation.step_log``).
+    """
+
+    contains: str | None = None
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class WaitForUserMessage:
+    """Wait until the client sends a ``user_message`` (text the agent takes as the user's,
+    e.g. keypad digits), one whose text contains ``contains`` if given.
+
+    On ``timeout`` the script carries on (noted in ``EmulatedConversation.step_log``).
+    """
+
+    contains: str | None = None
     timeout: float = 30.0
 
 
@@ -148,6 +174,8 @@ class Ping:
 Step: TypeAlias = (
     Say
     | WaitForUser
+    | WaitForUserMessage
+    | WaitForContextualUpdate
     | UserTranscript
     | ClientToolCall
     | Interrupt

@@ -36,7 +36,9 @@ from callbridge.emulators.elevenlabs.script import (
     Stall,
     Step,
     UserTranscript,
+    WaitForContextualUpdate,
     WaitForUser,
+    WaitForUserMessage,
 )
 
 __all__ = ["DEFAULT_ERROR_TYPES", "Session"]
@@ -108,6 +110,10 @@ class Session(Connection):
                 await self._say(step.text, step.audio, step.seconds, step.tone_hz)
             case WaitForUser():
                 await self._wait_for_user(step)
+            case WaitForUserMessage():
+                await self._wait_for_user_message(step)
+            case WaitForContextualUpdate():
+                await self._wait_for_contextual_update(step)
             case UserTranscript():
                 await self._send(
                     {
@@ -213,6 +219,32 @@ class Session(Connection):
             self._log(
                 f"timeout: waited {step.timeout} s for {step.seconds} s of user audio, heard {heard:.3f} s"
             )
+
+    async def _wait_for_contextual_update(self, step: WaitForContextualUpdate) -> None:
+        def texts() -> list[str]:
+            return [str(m.get("text")) for m in self.conv.received_messages("contextual_update")]
+
+        seen = len(texts())
+
+        def arrived() -> bool:
+            return any(step.contains is None or step.contains in text for text in texts()[seen:])
+
+        if await self._wait_until(arrived, step.timeout):
+            self._log(f"contextual_update received: {short(texts()[-1])}")
+        else:
+            self._log(f"timeout: no contextual_update in {step.timeout} s")
+
+    async def _wait_for_user_message(self, step: WaitForUserMessage) -> None:
+        seen = len(self.conv.user_messages())
+
+        def arrived() -> bool:
+            new = self.conv.user_messages()[seen:]
+            return any(step.contains is None or step.contains in text for text in new)
+
+        if await self._wait_until(arrived, step.timeout):
+            self._log(f"user_message received: {short(self.conv.user_messages()[-1])}")
+        else:
+            self._log(f"timeout: no user_message in {step.timeout} s")
 
     async def _wait_until(self, condition: Callable[[], bool], limit: float) -> bool:
         loop = asyncio.get_running_loop()

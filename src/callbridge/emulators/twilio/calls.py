@@ -20,6 +20,7 @@ __all__ = [
     "API_VERSION",
     "DEFAULT_ACCOUNT_SID",
     "TERMINAL_STATUSES",
+    "DialedParty",
     "EmulatedCall",
     "RecordedRequest",
     "WebhookRecord",
@@ -81,11 +82,23 @@ class RecordedRequest:
 
 
 @dataclass
+class DialedParty:
+    """One party a ``<Dial>`` tried to connect the call to."""
+
+    kind: str  # "number" | "sip" | "client"
+    target: str
+    caller_id: str | None
+    status: str  # "completed" (connected) | "failed" (refused before dialling, see problem)
+    problem: str | None = None
+    time: float = 0.0
+
+
+@dataclass
 class WebhookRecord:
     """One HTTP request the emulator made to the application (voice webhook or status callback)."""
 
     time: float
-    kind: str  # "voice" | "status"
+    kind: str  # "voice" | "status" | "amd"
     call_sid: str
     method: str
     url: str
@@ -134,6 +147,7 @@ class EmulatedCall:
         self.said: list[str] = []
         self.played: list[str] = []
         self.dialed: list[str] = []
+        self.dials: list[DialedParty] = []  # what each <Dial> noun was, with its callerId
         self.unsupported_verbs: list[str] = []
         self.reject_reason: str | None = None
         self.status_callback: str | None = None
@@ -146,6 +160,7 @@ class EmulatedCall:
         self.history: list[tuple[float, str]] = [(asyncio.get_running_loop().time(), status)]
         self.stream_connected = asyncio.Event()
         self.stream_upgrade_fault: str | None = None  # set when its stream was sent through one
+        self.answered_by: str | None = None  # answering-machine detection's verdict (amd.py)
 
         self._status_changed = Waiters()
         self._callback_seq = 0
@@ -209,7 +224,7 @@ class EmulatedCall:
         return {
             "account_sid": self.account_sid,
             "annotation": None,
-            "answered_by": None,
+            "answered_by": self.answered_by,
             "api_version": API_VERSION,
             "caller_name": None,
             "date_created": rfc2822(self.date_created),

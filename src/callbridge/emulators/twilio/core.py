@@ -90,6 +90,9 @@ class EmulatorCore(AsyncService):
         self.answer_delay = answer_delay
         self.say_seconds = say_seconds
         self.dial_seconds = dial_seconds
+        # Caller IDs verified on the account: a <Dial><Number> may show these besides the
+        # call's own From and To (Twilio's warning 13214 otherwise).
+        self.verified_caller_ids: set[str] = set()
         # Real Twilio's answer to Status=completed on a call that already ended is not documented;
         # see _update_call. False: 200 with the call unchanged; True: 400 / 21220.
         self.hangup_ended_call_error = hangup_ended_call_error

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import xml.etree.ElementTree as ET
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-from callbridge.emulators.twilio.calls import CAUSE_OF_STREAM_END, EmulatedCall
+from callbridge.emulators.twilio.calls import CAUSE_OF_STREAM_END, DialedParty, EmulatedCall
 from callbridge.emulators.twilio.core import EmulatorCore
 from callbridge.emulators.twilio.media_stream import MediaStreamCaller
 
 __all__ = ["TwimlRunner"]
+
+_DIALABLE = re.compile(r"^\+?[0-9][0-9 ()-]{0,30}$")
+_SIP_CALLER_ID = re.compile(r"^[A-Za-z0-9+\-_.]{1,64}$")
 
 
 class TwimlRunner(EmulatorCore):
@@ -133,8 +137,12 @@ class TwimlRunner(EmulatorCore):
                 await self._sleep(self.say_seconds)
             elif tag == "Dial":
                 self._answer(call)
-                targets = [(child.text or "").strip() for child in verb] or [text]
-                call.dialed.extend(targets)
+                parties = self._dial_parties(call, verb, text)
+                call.dials.extend(parties)
+                call.dialed.extend(p.target for p in parties)
+                if not any(p.status == "completed" for p in parties):
+                    natural_end = "dial_failed"
+                    continue  # Twilio goes on with the next verb (no action URL here)
                 if self.dial_seconds is None:
                     await call.ended.wait()
                     return
@@ -166,6 +174,44 @@ class TwimlRunner(EmulatorCore):
             else:
                 call.unsupported_verbs.append(tag)
         self._finish_call(call, "completed", forced_cause or natural_end, natural_end)
+
+    def _dial_parties(self, call: EmulatedCall, verb: ET.Element, text: str) -> list[DialedParty]:
+        """The nouns of one ``<Dial>`` and whether Twilio would place each, from the docs: a
+        ``<Number>`` (or bare text) may only show the calling number, the called number or a
+        verified number as ``callerId`` (warning 13214); for ``<Sip>`` any string of letters,
+        digits and ``+-_.`` will do; one ``<Sip>`` per ``<Dial>``, with no other noun; a SIP
+        URI is under 255 characters."""
+        caller_id = verb.get("callerId")
+        now = asyncio.get_running_loop().time()
+        nouns = [(child.tag, (child.text or "").strip()) for child in verb] or [("Number", text)]
+        sips = sum(1 for tag, _ in nouns if tag == "Sip")
+        parties = []
+        for tag, target in nouns:
+            kind = {"Number": "number", "Sip": "sip", "Client": "client"}.get(tag, tag.lower())
+            problem = None
+            if tag == "Sip":
+                if sips > 1 or len(nouns) > 1:
+                    problem = "one <Sip> per <Dial>, and no other noun beside it"
+                elif not target.startswith(("sip:", "sips:")) or len(target) >= 255:
+                    problem = "<Sip> needs a sip: URI under 255 characters"
+                elif caller_id is not None and not _SIP_CALLER_ID.fullmatch(caller_id):
+                    problem = "13214 Dial: Invalid callerId value"
+            elif tag == "Number":
+                if not _DIALABLE.fullmatch(target):
+                    problem = f"<Number> {target!r} is not a phone number"
+                elif caller_id is not None and caller_id not in (
+                    call.from_,
+                    call.to,
+                    *self.verified_caller_ids,
+                ):
+                    problem = "13214 Dial: Invalid callerId value"
+            elif tag != "Client":
+                problem = f"<{tag}> is not a noun of <Dial> this emulator knows"
+            if problem is not None:
+                call.twiml_errors.append(problem)
+            status = "failed" if problem else "completed"
+            parties.append(DialedParty(kind, target, caller_id, status, problem, now))
+        return parties
 
     async def _open_stream(
         self, call: EmulatedCall, stream_el: ET.Element, doc_url: str | None
