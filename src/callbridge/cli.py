@@ -313,13 +313,12 @@ def _short_time(iso: str | None) -> str:
 def _parse_since(text: str | None) -> datetime | None:
     if text is None:
         return None
+    from callbridge.since import SinceError, parse_since
+
     try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        raise CliError(
-            f"--since takes an ISO 8601 date or time, e.g. 2026-11-25 or 2026-11-25T09:30:00+00:00; "
-            f"got {text!r}"
-        ) from None
+        return parse_since(text)
+    except SinceError as exc:
+        raise CliError(str(exc)) from None
 
 
 async def _calls(args: argparse.Namespace) -> int:
@@ -406,6 +405,25 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- doctor, numbers (doctor.py, numbers.py) ----------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from callbridge.doctor import main_doctor
+
+    return main_doctor(_settings(args, ("twilio", "agent")), as_json=args.json)
+
+
+def cmd_numbers(args: argparse.Namespace) -> int:
+    from callbridge.numbers import NumbersError, run_numbers
+
+    require = ("twilio", "public_url") if args.numbers_cmd == "connect" else ("twilio",)
+    try:
+        return run_numbers(_settings(args, require), args.numbers_cmd, getattr(args, "number", None))
+    except NumbersError as exc:
+        raise CliError(str(exc)) from None
+
+
 # -- demo -------------------------------------------------------------------------
 
 
@@ -465,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst = calls_sub.add_parser("list", help="recent calls, newest first")
     lst.add_argument("--status", choices=["active", "ended"])
     lst.add_argument("--end-reason")
-    lst.add_argument("--since", help="ISO 8601 time")
+    lst.add_argument("--since", help="ISO 8601 date/time (UTC if no zone) or a duration: 30m, 2h, 1d")
     lst.add_argument("--limit", type=int, default=20)
     lst.add_argument("--json", action="store_true")
     lst.add_argument("--database-url")
@@ -483,6 +501,20 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.add_argument("--database-url", help="SQLAlchemy URL of the records (CALLBRIDGE_DATABASE_URL)")
     upgrade.set_defaults(func=cmd_db)
 
+    doctor = sub.add_parser("doctor", help="check the agent, the Twilio numbers and the public URL")
+    doctor.add_argument("--json", action="store_true", help="the checks as JSON (exit 1 on a failure)")
+    doctor.add_argument("--public-url", help="the https URL Twilio reaches (CALLBRIDGE_PUBLIC_URL)")
+    doctor.set_defaults(func=cmd_doctor)
+
+    numbers = sub.add_parser("numbers", help="the Twilio account's numbers and where their calls go")
+    numbers_sub = numbers.add_subparsers(dest="numbers_cmd", required=True)
+    numbers_list = numbers_sub.add_parser("list", help="each number and its voice webhook")
+    numbers_list.add_argument("--public-url", help="this server's URL (CALLBRIDGE_PUBLIC_URL)")
+    connect = numbers_sub.add_parser("connect", help="point a number's voice webhook here (before/after)")
+    connect.add_argument("number", help="the number, E.164 (+15551234567)")
+    connect.add_argument("--public-url", help="this server's URL (CALLBRIDGE_PUBLIC_URL)")
+    numbers.set_defaults(func=cmd_numbers)
+
     demo = sub.add_parser("demo", help="an offline end-to-end call on the built-in emulators")
     demo.add_argument("--verbose", action="store_true", help="show the bridge's log lines too")
     demo.set_defaults(func=cmd_demo)
@@ -492,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from callbridge.envfile import EnvFileError, load_env_file
+
+        try:
+            load_env_file()  # the lowest layer: flags > environment > .env
+        except EnvFileError as exc:
+            raise CliError(str(exc)) from None
         code: int = args.func(args)
         return code
     except (CliError, DatabaseError) as exc:

@@ -20,6 +20,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from callbridge.emulators._common import AsyncService, loopback_ip, netloc
+from callbridge.emulators.elevenlabs.agents_api import AGENTS_PATH, AgentsApi
 from callbridge.emulators.elevenlabs.conversation import EmulatedConversation
 from callbridge.emulators.elevenlabs.script import AgentScript
 from callbridge.emulators.elevenlabs.session import Session
@@ -73,6 +74,8 @@ class AgentEmulator(AsyncService):
         self.rejections: list[tuple[int, str]] = []
         #: Signatures issued by the signed-URL endpoint and not yet used.
         self.signatures: set[str] = set()
+        #: Agent configurations served at GET /v1/convai/agents/{id} (tests add them).
+        self.agents = AgentsApi()
         self._attempts = 0
         self._admissions: dict[int, _Admission] = {}
         self._server: Server | None = None
@@ -155,6 +158,11 @@ class AgentEmulator(AsyncService):
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         if path == SIGNED_URL_PATH:
             return self._signed_url(connection, request, query)
+        if path.startswith(AGENTS_PATH):  # an agent's configuration (agents_api.py)
+            status, body = self.agents.get(path, request.headers.get("xi-api-key"), self.api_key)
+            if status != http.HTTPStatus.OK:
+                return self._reject(connection, request, status, body)
+            return _json_response(connection, status, body)
         if path != CONVERSATION_PATH:
             return self._reject(connection, request, http.HTTPStatus.NOT_FOUND, {"detail": "Not Found"})
         if not self._authorised(request, query):

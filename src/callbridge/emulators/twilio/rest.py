@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import hmac
 from collections import deque
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from callbridge.emulators.twilio.calls import API_VERSION, EmulatedCall, RecordedRequest
+from callbridge.emulators.twilio.numbers import PhoneNumbers
 from callbridge.emulators.twilio.twiml import TwimlRunner
 
 __all__ = ["Fault", "RestApi"]
@@ -98,6 +100,11 @@ class RestApi(TwimlRunner):
 
     # ---- REST API
 
+    @functools.cached_property
+    def phone_numbers(self) -> PhoneNumbers:
+        """The account's IncomingPhoneNumbers (tests add numbers pointed anywhere)."""
+        return PhoneNumbers(self.account_sid)
+
     def _build_app(self) -> Starlette:
         calls_path = f"/{API_VERSION}/Accounts/{{account_sid}}/Calls.json"
         call_path = f"/{API_VERSION}/Accounts/{{account_sid}}/Calls/{{call_sid}}.json"
@@ -106,6 +113,8 @@ class RestApi(TwimlRunner):
             routes=[
                 Route(calls_path, self._calls_endpoint, methods=methods),
                 Route(call_path, self._call_endpoint, methods=methods),
+                # The account and its phone numbers (numbers.py).
+                *self.phone_numbers.routes(self._authenticate, self._record),
                 Route("/{path:path}", self._not_found_endpoint, methods=methods),
             ]
         )

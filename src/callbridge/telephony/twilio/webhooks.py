@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
@@ -120,18 +121,55 @@ class TwilioSignatures:
     """`X-Twilio-Signature` checks (the SDK's `RequestValidator`), and how many requests
     each route refused for a bad one."""
 
+    # A refusal is logged at once, then at most once per this many seconds per route (with
+    # how many were not logged): a misconfigured number must not flood the log.
+    LOG_INTERVAL = 10.0
+
     def __init__(self, auth_token: str) -> None:
         self._validator = RequestValidator(auth_token)
         self.rejected: dict[str, int] = {}  # by route, for /metrics
+        self._logged: dict[str, tuple[float, int]] = {}  # route -> (last logged, refusals since)
 
     def valid(self, url: str, params: Mapping[str, str], signature: str | None) -> bool:
         if not signature:
             return False
         return bool(self._validator.validate(url, dict(params), signature))
 
-    def refused(self, route: str) -> None:
+    def refused(self, route: str, url: str | None = None, signature: str | None = None) -> None:
+        """Count a refusal and say, rate-limited, which URL was validated and what must match
+        (never the token, never the signature itself)."""
         self.rejected[route] = self.rejected.get(route, 0) + 1
-        log_event(log, "twilio.bad_signature", logging.WARNING, route=route)
+        now = time.monotonic()
+        last, unlogged = self._logged.get(route, (None, 0))
+        if last is not None and now - last < self.LOG_INTERVAL:
+            self._logged[route] = (last, unlogged + 1)
+            return
+        self._logged[route] = (now, 0)
+        shown = url.split("?", 1)[0] if url else None
+        if not signature:
+            hint = "no X-Twilio-Signature header: is this request from Twilio?"
+        elif route == MEDIA_STREAM_PATH:
+            hint = (
+                "Twilio signs the stream URL callbridge answered with (the wss:// form of "
+                "CALLBRIDGE_PUBLIC_URL): a proxy must pass its host and path unchanged, and "
+                "TWILIO_AUTH_TOKEN must be the token of the account that owns the number"
+            )
+        else:
+            hint = (
+                "the URL set on the Twilio number (console, or `callbridge numbers connect`) must be "
+                "exactly CALLBRIDGE_PUBLIC_URL + this path: same scheme, host and path, no port "
+                "behind a proxy; and TWILIO_AUTH_TOKEN must be the token of the account that owns "
+                "the number"
+            )
+        log_event(
+            log,
+            "twilio.bad_signature",
+            logging.WARNING,
+            route=route,
+            validated_url=shown,
+            hint=hint,
+            not_logged_since_last=unlogged or None,
+        )
 
 
 # -- the server behind the routes ---------------------------------------------------------
@@ -156,7 +194,7 @@ class TwilioHost(Protocol):
         """False while the server drains: media streams are refused (1013)."""
         ...
 
-    def answer_call(self, call_sid: str, direction: str, from_: str, to: str) -> dict[str, str] | None:
+    async def answer_call(self, call_sid: str, direction: str, from_: str, to: str) -> dict[str, str] | None:
         """The `<Parameter>`s of the stream a new call is answered with, or None: busy."""
         ...
 
@@ -181,7 +219,7 @@ def verified(request: Request, host: TwilioHost, form: Mapping[str, str]) -> boo
     url = signed_url(request, (host.public_url or "").rstrip("/"))
     if host.signatures.valid(url, form, request.headers.get("x-twilio-signature")):
         return True
-    host.signatures.refused(request.url.path)
+    host.signatures.refused(request.url.path, url, request.headers.get("x-twilio-signature"))
     return False
 
 
@@ -206,7 +244,7 @@ async def voice_webhook(request: Request, direction: str) -> Response:
     call_sid = form.get("CallSid", "")
     if not CALL_SID_RE.fullmatch(call_sid):
         return error(400, "CallSid missing or malformed")
-    params = host.answer_call(call_sid, direction, form.get("From", ""), form.get("To", ""))
+    params = await host.answer_call(call_sid, direction, form.get("From", ""), form.get("To", ""))
     if params is None:
         return twiml_response(BUSY_TWIML)
     log_event(log, "twilio.webhook", call_sid=call_sid, direction=direction)
@@ -239,7 +277,7 @@ async def media_stream(ws: WebSocket) -> None:
     signature = ws.headers.get("x-twilio-signature")
     await ws.accept()
     if not host.signatures.valid(url, {}, signature):
-        host.signatures.refused(MEDIA_STREAM_PATH)
+        host.signatures.refused(MEDIA_STREAM_PATH, url, signature)
         with contextlib.suppress(Exception):
             await ws.close(1008, "invalid signature")
         return
