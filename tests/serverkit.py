@@ -218,9 +218,14 @@ def _server_log(log: Path) -> Any:
 
 
 async def serve_cli(
-    env: dict[str, str], port: int, cwd: Path | None = None, log: Path | None = None
+    env: dict[str, str],
+    port: int,
+    cwd: Path | None = None,
+    log: Path | None = None,
+    args: tuple[str, ...] = (),
 ) -> asyncio.subprocess.Process:
-    """`callbridge serve` on 127.0.0.1:`port` in a subprocess, returned once /healthz answers 200."""
+    """`callbridge serve` on 127.0.0.1:`port` (and `args`) in a subprocess, returned once
+    /healthz answers 200."""
     log = _log_path(log)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -231,6 +236,7 @@ async def serve_cli(
         "127.0.0.1",
         "--port",
         str(port),
+        *args,
         env=env,
         cwd=cwd,
         stdout=asyncio.subprocess.DEVNULL,

@@ -89,7 +89,7 @@ def run_workers(fd: int, workers: int, grace_s: float, log_level: str) -> None:
             "worker_class": "callbridge.server.workers.CallbridgeWorker",
             # A worker's drain: the grace period, then its calls end `shutdown` and their
             # records are written (bounded), plus margin before gunicorn kills it.
-            "graceful_timeout": grace_s + 15,
+            "graceful_timeout": int(grace_s + 15),
             "timeout": 30,  # a worker that does not check in for this long is replaced
             "loglevel": "warning" if log_level in ("warning", "error", "critical") else "info",
             "accesslog": None,

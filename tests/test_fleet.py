@@ -1,0 +1,353 @@
+"""Several instances on one PostgreSQL: leases, dead instances' calls, commands that reach
+the instance holding a call, fleet-wide token use and cap, gunicorn workers.
+
+Instances are real processes (`callbridge serve`) where a process must die or hang, and
+servers in this process otherwise; each test has a fresh database of the session's
+PostgreSQL server (`pg_url`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, Say
+from callbridge.emulators.twilio import TwilioEmulator, twilio_signature
+from tests.serverkit import (
+    API_TOKEN,
+    clean_env,
+    free_port,
+    running_server,
+    serve_cli,
+    settings_for,
+    wait_until_async,
+)
+
+LEASE = 3.0  # short leases: a dead instance is found within seconds
+
+
+def talkative(seconds: float = 60.0) -> AgentScript:
+    return AgentScript(steps=[Say("I can talk for a long time.", seconds=seconds)], realtime_factor=1.0)
+
+
+async def query(url: str, sql: str) -> list[Any]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            return list((await conn.execute(text(sql))).all())
+    finally:
+        await engine.dispose()
+
+
+def env_for(
+    twilio: TwilioEmulator, agent: AgentEmulator, url: str, port: int, **extra: str
+) -> dict[str, str]:
+    return clean_env() | {
+        "TWILIO_ACCOUNT_SID": twilio.account_sid,
+        "TWILIO_AUTH_TOKEN": twilio.auth_token,
+        "TWILIO_API_BASE_URL": twilio.base_url,
+        "ELEVENLABS_AGENT_ID": "agent_fleet",
+        "ELEVENLABS_API_BASE_URL": agent.base_url,
+        "CALLBRIDGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "CALLBRIDGE_DATABASE_URL": url,
+        "CALLBRIDGE_API_TOKEN": API_TOKEN,
+        "CALLBRIDGE_INSTANCE_LEASE_SECONDS": str(LEASE),
+        "CALLBRIDGE_SHUTDOWN_GRACE_SECONDS": "1",
+        **extra,
+    }
+
+
+def api(port: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10
+    )
+
+
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def record_of(port: int, sid: str) -> dict[str, Any]:
+    """The record as the instance on `port` shows it ({} while there is none yet: a killed
+    instance's queued writes are lost, and the call's record is made by whoever closes it)."""
+    async with api(port) as http:
+        resp = await http.get(f"/calls/{sid}")
+        assert resp.status_code in (200, 404), resp.text
+        data: dict[str, Any] = resp.json() if resp.status_code == 200 else {}
+        return data
+
+
+async def place_ringing(port: int) -> str:
+    """An outbound call from the instance on `port`, ringing (nobody answers for a minute)."""
+    async with api(port) as http:
+        resp = await http.post("/calls", json={"to": "+15550003333", "from": "+15550004444"})
+        assert resp.status_code == 201, resp.text
+        sid: str = resp.json()["call_sid"]
+        return sid
+
+
+@pytest.fixture
+async def emulators() -> AsyncIterator[tuple[TwilioEmulator, AgentEmulator]]:
+    async with (
+        TwilioEmulator(answer_delay=60.0) as twilio,  # outbound calls ring for a minute
+        AgentEmulator(talkative()) as agent,
+    ):
+        yield twilio, agent
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+async def test_three_instances_start_together_and_leave_cleanly(
+    pg_url: str, emulators: tuple[TwilioEmulator, AgentEmulator]
+) -> None:
+    twilio, agent = emulators
+    ports = [free_port() for _ in range(3)]
+    procs = await asyncio.gather(*(serve_cli(env_for(twilio, agent, pg_url, p), p) for p in ports))
+    try:
+        ids = []
+        for port in ports:
+            async with api(port) as http:
+                ready = (await http.get("/readyz")).json()
+            assert ready["status"] == "ready" and ready["lease"] == "held"
+            ids.append(ready["instance"])
+        assert len(set(ids)) == 3  # unique by default, on one host
+        rows = await query(pg_url, "SELECT instance_id, pid FROM instances")
+        assert sorted(r[0] for r in rows) == sorted(ids)
+        assert sorted(r[1] for r in rows) == sorted(p.pid for p in procs)
+    finally:
+        await asyncio.gather(*(stop_process(p) for p in procs))
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert await query(pg_url, "SELECT instance_id FROM instances") == []  # clean stops leave no lease
+
+
+async def test_killed_instance_calls_are_closed_by_a_survivor_and_a_restart_leaves_others_alone(
+    pg_url: str, emulators: tuple[TwilioEmulator, AgentEmulator]
+) -> None:
+    """A is SIGKILLed with an outbound call ringing: B (same host, sees A's process gone)
+    hangs it up and closes it `instance_lost`. B's own live call is untouched, also when a
+    new instance starts. An instance that hangs (SIGSTOP) loses its calls once its lease
+    expires, and joins again when it comes back."""
+    twilio, agent = emulators
+    port_a, port_b, port_c = free_port(), free_port(), free_port()
+    a = await serve_cli(env_for(twilio, agent, pg_url, port_a), port_a)
+    b = await serve_cli(env_for(twilio, agent, pg_url, port_b), port_b)
+    c: asyncio.subprocess.Process | None = None
+    try:
+        on_b = await twilio.place_inbound_call(f"http://127.0.0.1:{port_b}/twilio/inbound")
+        await agent.wait_for_conversations(1, timeout=10)
+        ringing = await place_ringing(port_a)
+        a.send_signal(signal.SIGKILL)
+        await a.wait()
+        killed_at = asyncio.get_running_loop().time()
+
+        async def closed() -> bool:
+            return (await record_of(port_b, ringing)).get("status") == "ended"
+
+        await wait_until_async(closed, LEASE * 2, "A's call closed by B")
+        record = await record_of(port_b, ringing)
+        assert record["end_reason"] == "instance_lost", record
+        assert "ringing: hung up" in record["end_detail"]
+        assert twilio.calls[ringing].status == "canceled"
+        assert asyncio.get_running_loop().time() - killed_at < LEASE * 2
+
+        # A new instance starts; B's live call goes on.
+        c = await serve_cli(env_for(twilio, agent, pg_url, port_c), port_c)
+        async with api(port_c) as http:
+            assert (await http.get("/readyz")).status_code == 200
+        await asyncio.sleep(LEASE)  # heartbeats of both run; nothing may touch B's call
+        assert twilio.calls[on_b.sid].status == "in-progress"
+        assert (await record_of(port_c, on_b.sid))["status"] == "active"
+
+        # C hangs (SIGSTOP) with a call ringing: once its lease expires, a live instance closes it.
+        ringing_c = await place_ringing(port_c)
+        c.send_signal(signal.SIGSTOP)
+        stopped_at = asyncio.get_running_loop().time()
+
+        async def closed_c() -> bool:
+            return (await record_of(port_b, ringing_c)).get("status") == "ended"
+
+        await wait_until_async(closed_c, LEASE * 3, "C's call closed after its lease expired")
+        waited = asyncio.get_running_loop().time() - stopped_at
+        assert waited >= LEASE * 0.9, waited  # not before its lease expired: its process lives
+        assert (await record_of(port_b, ringing_c))["end_reason"] == "instance_lost"
+        assert twilio.calls[ringing_c].status == "canceled"
+        c.send_signal(signal.SIGCONT)
+        async with api(port_c) as http:
+
+            async def c_ready_again() -> bool:
+                return (await http.get("/readyz")).status_code == 200
+
+            await wait_until_async(c_ready_again, LEASE * 2, "C joined again")
+        assert twilio.calls[on_b.sid].status == "in-progress"
+    finally:
+        await asyncio.gather(*(stop_process(p) for p in (a, b, c) if p is not None))
+
+
+async def test_a_killed_worker_is_replaced_and_its_calls_reconciled(
+    pg_url: str, emulators: tuple[TwilioEmulator, AgentEmulator], tmp_path: Path
+) -> None:
+    twilio, agent = emulators
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = await serve_cli(env_for(twilio, agent, pg_url, port), port, log=log, args=("--workers", "2"))
+    try:
+
+        async def two_workers() -> bool:
+            return len(await query(pg_url, "SELECT pid FROM instances")) == 2
+
+        await wait_until_async(two_workers, 20, "two workers joined")
+        pids_before = {r[0] for r in await query(pg_url, "SELECT pid FROM instances")}
+        ringing = await place_ringing(port)
+        owner = await query(pg_url, f"SELECT instance FROM fleet_calls WHERE call_sid = '{ringing}'")
+        owner_pid = next(
+            r[0]
+            for r in await query(pg_url, f"SELECT pid FROM instances WHERE instance_id = '{owner[0][0]}'")
+        )
+        os.kill(owner_pid, signal.SIGKILL)
+
+        async def replaced_and_closed() -> bool:
+            pids = {r[0] for r in await query(pg_url, "SELECT pid FROM instances")}
+            ended = await query(pg_url, f"SELECT end_reason FROM calls WHERE call_sid = '{ringing}'")
+            return len(pids) == 2 and owner_pid not in pids and ended[0][0] == "instance_lost"
+
+        await wait_until_async(replaced_and_closed, 20, "worker replaced and its call reconciled")
+        assert twilio.calls[ringing].status == "canceled"
+        pids_after = {r[0] for r in await query(pg_url, "SELECT pid FROM instances")}
+        assert len(pids_after - pids_before) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 40)
+    assert proc.returncode == 0, log.read_text()[-2000:]
+    assert await query(pg_url, "SELECT instance_id FROM instances") == []  # both workers left cleanly
+
+
+# -- servers in this process ----------------------------------------------------------------
+
+
+async def test_hangup_and_status_callbacks_reach_the_instance_holding_the_call(pg_url: str) -> None:
+    async with (
+        TwilioEmulator() as twilio,
+        AgentEmulator(talkative()) as agent,
+        running_server(settings_for(twilio, agent, pg_url, instance_id="a")) as a,
+        running_server(settings_for(twilio, agent, pg_url, instance_id="b")) as b,
+    ):
+        first = await twilio.place_inbound_call(f"{a.url}/twilio/inbound")
+        await agent.wait_for_conversations(1, timeout=10)
+        resp = await b.api.post(f"/calls/{first.sid}/hangup")
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["end_reason"] == "hangup_requested" and resp.json()["ended_by_instance"] == "a"
+        await a.wait_records(1)
+        assert a.records[0].end_reason == "hangup_requested"
+        await first.wait_ended(5)
+        assert twilio.calls[first.sid].status == "completed"
+
+        second = await twilio.place_inbound_call(f"{a.url}/twilio/inbound")
+        await agent.wait_for_conversations(2, timeout=10)
+        form = {
+            "AccountSid": twilio.account_sid,
+            "CallSid": second.sid,
+            "CallStatus": "completed",
+            "Direction": "inbound",
+            "From": "+15550001111",
+            "To": "+15550002222",
+        }
+        url = f"{b.url}/twilio/status"
+        async with httpx.AsyncClient() as http:
+            resp = await http.post(
+                url, data=form, headers={"X-Twilio-Signature": twilio_signature(twilio.auth_token, url, form)}
+            )
+        assert resp.status_code in (200, 204), resp.text
+        await a.wait_records(2)
+        assert a.records[1].end_reason == "caller_hung_up"
+        assert "received by b" in (a.records[1].end_detail or "")
+        assert b.records == []  # nothing ran on b
+        assert b.state.fleet is not None and b.state.fleet.commands_sent == 2
+
+
+async def test_a_stream_token_is_used_once_across_the_fleet(pg_url: str) -> None:
+    async with (
+        TwilioEmulator() as twilio,
+        AgentEmulator(talkative()) as agent,
+        running_server(settings_for(twilio, agent, pg_url, instance_id="a")) as a,
+        running_server(settings_for(twilio, agent, pg_url, instance_id="b")) as b,
+    ):
+        call = await twilio.place_inbound_call(f"{a.url}/twilio/inbound")
+        await agent.wait_for_conversations(1, timeout=10)
+        params = {"cb_ref": call.sid, "cb_token": a.state.stream_token(call.sid)}
+        ws_url = b.url.replace("http://", "ws://") + "/twilio/media-stream"
+        headers = {"x-twilio-signature": twilio_signature(twilio.auth_token, ws_url)}
+        async with connect(ws_url, additional_headers=headers) as ws:
+            stream_sid = "MZ" + call.sid[2:]
+            start = {
+                "streamSid": stream_sid,
+                "accountSid": twilio.account_sid,
+                "callSid": call.sid,
+                "tracks": ["inbound"],
+                "customParameters": params,
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+            }
+            await ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+            await ws.send(
+                json.dumps({"event": "start", "sequenceNumber": "1", "start": start, "streamSid": stream_sid})
+            )
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(5):
+                    while True:
+                        await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        await asyncio.sleep(0.3)  # an agent session would have been opened by now
+        assert len(agent.conversations) == 1  # the replay opened none
+        assert twilio.calls[call.sid].status == "in-progress"  # the genuine call goes on
+        assert a.state.bridge.find(call.sid) is not None
+
+
+async def test_the_fleet_cap_counts_every_instance(pg_url: str) -> None:
+    async with (
+        TwilioEmulator() as twilio,
+        AgentEmulator(talkative()) as agent,
+        running_server(
+            settings_for(twilio, agent, pg_url, instance_id="a", fleet_max_concurrent_calls=1)
+        ) as a,
+        running_server(
+            settings_for(twilio, agent, pg_url, instance_id="b", fleet_max_concurrent_calls=1)
+        ) as b,
+    ):
+        first = await twilio.place_inbound_call(f"{a.url}/twilio/inbound")
+        await agent.wait_for_conversations(1, timeout=10)
+        busy = await twilio.place_inbound_call(f"{b.url}/twilio/inbound")
+        await busy.wait_ended(10)
+        assert busy.said and "busy" in " ".join(busy.said).lower(), busy.said  # the polite busy message
+        assert len(agent.conversations) == 1
+        resp = await b.api.post("/calls", json={"to": "+15550003333", "from": "+15550004444"})
+        assert resp.status_code == 503 and "FLEET_MAX" in resp.text
+        # Once the first call ends, the fleet has room again.
+        await a.api.post(f"/calls/{first.sid}/hangup")
+        await a.wait_records(1)
+
+        async def room() -> bool:
+            return b.state.fleet is not None and await b.state.fleet.room()
+
+        await wait_until_async(room, 5, "the ended call freed its place")
+        again = await twilio.place_inbound_call(f"{b.url}/twilio/inbound")
+        await agent.wait_for_conversations(2, timeout=10)
+        assert twilio.calls[again.sid].status == "in-progress"
