@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all test-postgres lint demo clean
+.PHONY: install test test-all test-postgres lint demo demo-transfer fleet clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,16 @@ test-postgres: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/callbridge demo
+
+# Two instances on one PostgreSQL, on this machine: calls on both, a hang-up through the other
+# instance, one instance killed and its calls closed by the survivor (scripts/fleet_demo.py).
+fleet: $(STAMP)
+	scripts/ensure-postgres.sh
+	$(BIN)/python scripts/fleet_demo.py
+
+# The second demo: keypad digits to the agent, then the agent hands the caller to a person.
+demo-transfer: $(STAMP)
+	$(BIN)/callbridge demo --transfer
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
