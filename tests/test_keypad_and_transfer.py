@@ -27,7 +27,7 @@ from callbridge.emulators.elevenlabs import (
 )
 from callbridge.emulators.twilio import EmulatedCall, TwilioEmulator
 from callbridge.transfer import TransferRefused, check_destination, parse_allow_list
-from tests.serverkit import make_bridge, wait_until
+from tests.serverkit import make_bridge, running_server, settings_for, wait_until
 
 FAST = float("inf")
 CALLER, OURS = "+15550001111", "+15550002222"
@@ -332,6 +332,47 @@ async def test_agent_failure_hands_the_caller_to_the_fallback_number(twilio: Twi
     assert f'<Dial callerId="{CALLER}"><Number>{DESK}</Number></Dial>' in redirect.form["Twiml"]
 
 
+# -- POST /calls/{sid}/transfer -----------------------------------------------------------------
+
+
+@pytest.mark.database
+async def test_transfer_through_the_api(twilio: TwilioEmulator, db_url: str) -> None:
+    script = AgentScript(steps=[Say("Hello, how can I help?", seconds=1.0), Sleep(20)], realtime_factor=FAST)
+    async with AgentEmulator(script) as agent:
+        settings = settings_for(twilio, agent, db_url, transfer_allow=parse_allow_list("+1555000*"))
+        async with running_server(settings) as srv:
+            call = await twilio.place_inbound_call(f"{srv.url}/twilio/inbound", from_=CALLER, to=OURS)
+            await agent_speaking(call)
+            path = f"/calls/{call.sid}/transfer"
+            refusals = [
+                (await srv.api.post(path, json={"to": "+19005550000"}), 403, "not an allowed"),
+                (await srv.api.post(path, json={"to": "0800 CALL ME"}), 422, "not an E.164"),
+                (await srv.api.post(path, json={"to": DESK, "extra": 1}), 422, "body must be"),
+                (await srv.api.post(path, content=b"{"), 400, "JSON"),
+                (await srv.api.post(f"/calls/CA{'0' * 32}/transfer", json={"to": DESK}), 404, "no such"),
+            ]
+            for resp, status, says in refusals:
+                assert resp.status_code == status and says in resp.json()["error"], resp.text
+            unauthenticated = await srv.api.post(path, json={"to": DESK}, headers={"Authorization": "x"})
+            assert unauthenticated.status_code == 401
+            assert redirects(twilio, call.sid) == []  # nothing refused reached Twilio
+
+            done = await srv.api.post(path, json={"to": DESK, "reason": "asked for a person"})
+            assert done.status_code == 200, done.text
+            await call.wait_ended(5)
+            again = await srv.api.post(path, json={"to": DESK})
+    record = done.json()
+    assert record["end_reason"] == "transferred"
+    assert record["end_detail"] == f"transferred to {DESK} (asked for a person)"
+    assert [e["by"] for e in record["timeline"] if e["event"] == "transfer.started"] == ["api"]
+    [redirect] = redirects(twilio, call.sid)
+    assert f"<Number>{DESK}</Number>" in redirect.form["Twiml"]
+    # The greeting already sent was heard to its end before the redirect.
+    stream = call.streams[0]
+    assert stream.last_mark_played_at is not None and redirect.time >= stream.last_mark_played_at
+    assert again.status_code == 409
+
+
 # -- settings and the allow-list ----------------------------------------------------------------
 
 BASE_ENV = {
@@ -409,3 +450,16 @@ def test_allow_list_matching() -> None:
     ):
         with pytest.raises(TransferRefused):
             check_destination(refused, allow)
+
+
+# -- the demo ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_the_transfer_demo_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    from callbridge.demo_transfer import run_transfer_demo
+
+    assert await run_transfer_demo() == 0
+    shown = capsys.readouterr().out
+    assert "handoff         heard in full" in shown and "redirect        after the last mark" in shown
+    assert "demo OK" in shown

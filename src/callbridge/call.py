@@ -239,6 +239,11 @@ class Call:
         return self.ready.conversation_id if self.ready else None
 
     @property
+    def transferring(self) -> str | None:
+        """The destination of a transfer under way (or failed), else None."""
+        return self._transfer_to if self._transfer is not None else None
+
+    @property
     def elapsed(self) -> float:
         return self._loop.time() - self._t0
 
@@ -659,7 +664,9 @@ class Call:
             self._sync_drained()
 
     def _on_transcript(self, event: AgentTranscript) -> None:
-        entry = {"role": event.role, "text": event.text, "t": round(self.elapsed, 3)}
+        entry: dict[str, Any] = {"role": event.role, "text": event.text, "t": round(self.elapsed, 3)}
+        if event.role == "agent" and self._transfer is not None:
+            entry["unheard"] = True  # said after the handover began: never played to the caller
         transcript = self.record.transcript
         if event.corrects is not None:
             # An interrupted agent line: keep what the caller actually heard.

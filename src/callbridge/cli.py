@@ -434,7 +434,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     configure_logging("warning" if not args.verbose else "info")
     try:
-        code: int = asyncio.run(run_demo_interruptible(verbose=args.verbose))
+        code: int = asyncio.run(
+            run_demo_interruptible(verbose=args.verbose, transfer=getattr(args, "transfer", False))
+        )
     except KeyboardInterrupt:  # a press as the event loop closes: the demo already said so
         code = EXIT_INTERRUPTED
     if code == EXIT_INTERRUPTED:
@@ -517,6 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="an offline end-to-end call on the built-in emulators")
     demo.add_argument("--verbose", action="store_true", help="show the bridge's log lines too")
+    demo.add_argument(
+        "--transfer",
+        action="store_true",
+        help="the keypad-and-transfer call: digits to the agent, then a handover to a person",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -83,7 +83,8 @@ class _Printer:
 
     def transcript(self, call: Call, entry: dict[str, Any]) -> None:
         who = "agent " if entry["role"] == "agent" else "caller"
-        self.line(f"{who}: {entry['text']}")
+        unheard = "  (not played: the caller is being transferred)" if entry.get("unheard") else ""
+        self.line(f"{who}: {entry['text']}{unheard}")
 
 
 class _DemoServer(GracefulServer):
@@ -94,11 +95,17 @@ class _DemoServer(GracefulServer):
         yield
 
 
-async def run_demo_interruptible(verbose: bool = False) -> int:
-    """`run_demo`, stopped at once by the first Ctrl-C (one line, exit status 130, no
-    traceback); further presses while it stops are ignored."""
+async def run_demo_interruptible(verbose: bool = False, transfer: bool = False) -> int:
+    """`run_demo` (with `transfer`: the keypad-and-transfer demo), stopped at once by the
+    first Ctrl-C (one line, exit status 130, no traceback); further presses while it
+    stops are ignored."""
     loop = asyncio.get_running_loop()
-    demo = asyncio.ensure_future(run_demo(verbose))
+    if transfer:
+        from callbridge.demo_transfer import run_transfer_demo  # it imports this module
+
+        demo = asyncio.ensure_future(run_transfer_demo(verbose))
+    else:
+        demo = asyncio.ensure_future(run_demo(verbose))
     interrupted = False
 
     def on_sigint() -> None:

@@ -34,7 +34,7 @@ from callbridge.call import CallHooks, Tool
 from callbridge.config import Settings
 from callbridge.logs import log_event
 from callbridge.recovery import reconcile
-from callbridge.server import api, metrics
+from callbridge.server import api, metrics, transfers
 from callbridge.server.api import validate_call_request
 from callbridge.server.state import AppState, stream_settled
 from callbridge.server.streamwatch import StreamWatch
@@ -119,6 +119,7 @@ def create_app(
         Route("/calls", token(api.list_calls), methods=["GET"]),
         Route("/calls/{call_sid}", token(api.get_call), methods=["GET"]),
         Route("/calls/{call_sid}/hangup", token(api.hangup_call), methods=["POST"]),
+        Route("/calls/{call_sid}/transfer", token(transfers.transfer_call), methods=["POST"]),
         Route("/healthz", metrics.healthz, methods=["GET"]),
         Route("/metrics", metrics.metrics, methods=["GET"]),
     ]
