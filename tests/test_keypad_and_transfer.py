@@ -452,6 +452,73 @@ def test_allow_list_matching() -> None:
             check_destination(refused, allow)
 
 
+# -- the emulators model what these features rely on ------------------------------------------
+
+
+async def test_agent_emulator_keeps_user_messages_and_contextual_updates() -> None:
+    from websockets.asyncio.client import connect as ws_connect
+
+    script = AgentScript(
+        steps=[WaitForUserMessage(contains="4 2", timeout=5), Say("Thanks.", seconds=0.1)],
+        realtime_factor=FAST,
+    )
+    async with AgentEmulator(script) as agent:
+        async with ws_connect(agent.ws_url("agent_test"), ping_interval=None) as ws:
+            await ws.send(json.dumps({"type": "conversation_initiation_client_data"}))
+            await ws.recv()  # conversation_initiation_metadata
+            await ws.send(json.dumps({"type": "contextual_update", "text": "The call reached voicemail."}))
+            await ws.send(json.dumps({"type": "user_message", "text": "The caller pressed 1"}))
+            await ws.send(json.dumps({"type": "user_message", "text": "The caller pressed 4 2 #"}))
+            reply = json.loads(await ws.recv())
+        conv = agent.conversations[0]
+        await conv.wait_closed()
+    # The step waited for the message that matched, then the agent answered it.
+    assert reply["type"] == "agent_response" and reply["agent_response_event"]["agent_response"] == "Thanks."
+    assert conv.user_messages() == ["The caller pressed 1", "The caller pressed 4 2 #"]
+    assert conv.contextual_updates() == ["The call reached voicemail."]
+    assert any("user_message received" in line for _, line in conv.step_log)
+    assert conv.invalid == []
+
+
+@pytest.mark.parametrize(
+    ("dial", "status", "problem"),
+    [
+        (f'<Dial callerId="{CALLER}"><Number>{DESK}</Number></Dial>', "completed", None),
+        (f'<Dial callerId="{OURS}">{DESK}</Dial>', "completed", None),  # the called number
+        (f'<Dial callerId="+15559990000"><Number>{DESK}</Number></Dial>', "failed", "13214"),
+        ('<Dial callerId="+15558880000"><Number>+15550003333</Number></Dial>', "completed", None),
+        ('<Dial callerId="support"><Sip>sip:desk@pbx.example.com</Sip></Dial>', "completed", None),
+        ('<Dial callerId="front desk"><Sip>sip:desk@pbx.example.com</Sip></Dial>', "failed", "13214"),
+        (
+            "<Dial><Sip>sip:a@pbx.example.com</Sip><Sip>sip:b@pbx.example.com</Sip></Dial>",
+            "failed",
+            "one <Sip>",
+        ),
+        ("<Dial><Sip>desk@pbx.example.com</Sip></Dial>", "failed", "sip: URI"),
+    ],
+)
+async def test_twilio_emulator_dials_as_the_docs_say(
+    twilio: TwilioEmulator, dial: str, status: str, problem: str | None
+) -> None:
+    import httpx
+
+    twilio.verified_caller_ids.add("+15558880000")
+    async with httpx.AsyncClient(auth=(twilio.account_sid, twilio.auth_token)) as http:
+        resp = await http.post(
+            f"{twilio.base_url}/2010-04-01/Accounts/{twilio.account_sid}/Calls.json",
+            data={"To": CALLER, "From": OURS, "Twiml": f"<Response>{dial}<Say>After.</Say></Response>"},
+        )
+    assert resp.status_code == 201
+    call = twilio.calls[resp.json()["sid"]]
+    await call.wait_ended(5)
+    assert {d.status for d in call.dials} == {status}
+    if problem is None:
+        assert call.twiml_errors == []
+    else:
+        assert any(problem in e for e in call.twiml_errors), call.twiml_errors
+    assert call.said == ["After."]  # without an action URL, Twilio goes on with the document
+
+
 # -- the demo ----------------------------------------------------------------------------------
 
 
