@@ -27,11 +27,13 @@ lint: $(STAMP)
 
 # The fast tier (under 3 min on 2 cores): lint, the fast tests on SQLite, then the fast tests
 # marked `database` again on a real PostgreSQL server that the tests start themselves
-# (tests/pgserver.py; binaries from scripts/ensure-postgres.sh). The PostgreSQL pass of the fast
+# (tests/pgserver.py; binaries from scripts/ensure-postgres.sh; Caddy for the reverse-proxy test
+# from scripts/ensure-caddy.sh). The PostgreSQL pass of the fast
 # tier leaves out the fault matrix (each cell writes the same two records; `make test-all` runs
 # all of it on both backends).
 test: lint
 	scripts/ensure-postgres.sh
+	scripts/ensure-caddy.sh
 	$(PYTEST) -m "$(FAST)"
 	$(PYTEST) -m "database and $(FAST)" --db=postgresql --ignore=tests/test_fault_matrix.py
 
@@ -39,6 +41,7 @@ test: lint
 # included), then every test marked `database` on PostgreSQL.
 test-all: lint
 	scripts/ensure-postgres.sh
+	scripts/ensure-caddy.sh
 	$(PYTEST)
 	$(PYTEST) -m database --db=postgresql
 
