@@ -274,6 +274,8 @@ def cmd_call(args: argparse.Namespace) -> int:
         body["dynamic_variables"] = _parse_vars(args.var)
     if args.agent_id:
         body["agent_id"] = args.agent_id
+    if args.machine_detection != "off":
+        body["machine_detection"] = args.machine_detection
     token = os.environ.get("CALLBRIDGE_API_TOKEN")
     if not token:
         raise CliError("CALLBRIDGE_API_TOKEN is required to place a call through the server's API")
@@ -378,7 +380,33 @@ def _render_record(r: dict[str, Any]) -> str:
     ]
     for entry in r.get("transcript") or []:
         lines.append(f"    [{entry['t']:7.2f}] {entry['role']:>6}: {entry['text']}")
+    lines[4:4] = [f"  answered by   {r['answered_by']}"] if r.get("answered_by") else []
+    lines.extend(_render_analysis(r.get("analysis")))
     return "\n".join(lines)
+
+
+def _render_analysis(a: dict[str, Any] | None) -> list[str]:
+    """The post-call analysis as ElevenLabs reported it (`calls show`)."""
+    if not a:
+        return ["  analysis: none yet"]
+
+    def shown(key: str) -> Any:
+        value = a.get(key)
+        return "-" if value is None or value == "" else value
+
+    title = f"{a.get('call_summary_title')}: " if a.get("call_summary_title") else ""
+    lines = [
+        f"  analysis ({shown('source')}, {shown('conversation_status')}):",
+        f"    call successful  {shown('call_successful')}",
+        f"    summary          {title}{shown('transcript_summary')}",
+        f"    cost {shown('cost')}   duration {shown('call_duration_secs')} s   "
+        f"termination {shown('termination_reason')}",
+    ]
+    for kind in ("data_collection_results", "evaluation_criteria_results"):
+        for name, item in (a.get(kind) or {}).items():
+            value = item.get("value", item.get("result")) if isinstance(item, dict) else item
+            lines.append(f"    {kind.split('_')[0]:<16} {name}: {value}")
+    return lines
 
 
 def cmd_calls(args: argparse.Namespace) -> int:
@@ -477,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--from", dest="from_", required=True, help="your Twilio number, E.164")
     call.add_argument("--var", action="append", default=[], help="dynamic variable NAME=VALUE (repeatable)")
     call.add_argument("--agent-id", help="another agent than ELEVENLABS_AGENT_ID for this call")
+    call.add_argument(
+        "--machine-detection",
+        choices=["off", "hangup", "agent"],
+        default="off",
+        help="answering machines: hang up (end reason voicemail), or let the agent leave a message",
+    )
     call.add_argument("--server", default="http://127.0.0.1:8000", help="the callbridge server's URL")
     call.set_defaults(func=cmd_call)
 

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from callbridge.call import EndReason
 from callbridge.config import AGENT_ID_RE
 from callbridge.logs import log_event
+from callbridge.server.amd import MACHINE_DETECTION_MODES, amd_arguments
 from callbridge.server.state import AppState
 from callbridge.server.streamwatch import ExpectedCall
 from callbridge.telephony.base import CallControlError
@@ -112,7 +113,12 @@ async def create_call(request: Request) -> Response:
     try:
         settings = state.settings
         out = await state.control.place_call(
-            data["to"], data["from"], settings.stream_url(), params, settings.public("/twilio/status")
+            data["to"],
+            data["from"],
+            settings.stream_url(),
+            params,
+            settings.public("/twilio/status"),
+            **amd_arguments(settings, data.get("machine_detection", "off")),
         )
     except CallControlError as exc:
         log_event(log, "twilio.create_failed", logging.ERROR, to=data["to"], error=str(exc))
@@ -191,7 +197,7 @@ def validate_call_request(data: Any) -> str | None:
     """Why a `POST /calls` body is unacceptable, or None."""
     if not isinstance(data, dict):
         return "body must be a JSON object"
-    unknown = set(data) - {"to", "from", "dynamic_variables", "agent_id"}
+    unknown = set(data) - {"to", "from", "dynamic_variables", "agent_id", "machine_detection"}
     if unknown:
         return f"unknown fields: {', '.join(sorted(map(str, unknown)))}"
     for key in ("to", "from"):
@@ -201,6 +207,8 @@ def validate_call_request(data: Any) -> str | None:
     agent_id = data.get("agent_id")
     if agent_id is not None and (not isinstance(agent_id, str) or not AGENT_ID_RE.fullmatch(agent_id)):
         return "'agent_id' must be letters, digits, '_' or '-'"
+    if data.get("machine_detection", "off") not in MACHINE_DETECTION_MODES:
+        return "'machine_detection' must be one of: off, hangup, agent"
     variables = data.get("dynamic_variables")
     if variables is None:
         return None

@@ -28,14 +28,16 @@ from starlette.applications import Starlette
 from starlette.routing import Route, WebSocketRoute
 
 from callbridge.agents.base import AgentCallContext, AgentSession
+from callbridge.agents.elevenlabs.conversations import ConversationsClient, FetchPolicy
 from callbridge.agents.elevenlabs.session import ElevenLabsConfig, session_factory
 from callbridge.bridge import Bridge
 from callbridge.call import CallHooks, Tool
 from callbridge.config import Settings
 from callbridge.logs import log_event
 from callbridge.recovery import reconcile
-from callbridge.server import api, metrics, transfers
+from callbridge.server import amd, api, metrics, transfers
 from callbridge.server.api import validate_call_request
+from callbridge.server.postcall import PostCall, post_call_webhook
 from callbridge.server.state import AppState, stream_settled
 from callbridge.server.streamwatch import StreamWatch
 from callbridge.server.tokens import StreamTokens
@@ -108,12 +110,16 @@ def create_app(
         ),
     )
     bridge.stream_validator = state.check_stream
+    state.postcall = postcall_of(settings, store)
+    bridge.hooks.on_call_end.append(state.postcall.call_ended)  # after the record is saved
     state.registry.register(metrics.BridgeCollector(state))
 
     token = api.require_token
     routes = [
         Route("/twilio/inbound", webhooks.inbound, methods=["POST"]),
         Route("/twilio/status", webhooks.status_callback, methods=["POST"]),
+        Route(amd.AMD_PATH, amd.amd_callback, methods=["POST"]),
+        Route("/elevenlabs/post-call", post_call_webhook, methods=["POST"]),
         WebSocketRoute("/twilio/media-stream", webhooks.media_stream),
         Route("/calls", token(api.create_call), methods=["POST"]),
         Route("/calls", token(api.list_calls), methods=["GET"]),
@@ -131,6 +137,15 @@ def create_app(
     return app
 
 
+def postcall_of(settings: Settings, store: CallStore) -> PostCall:
+    """Post-call analysis: fetched with the API key (unless turned off), and the webhook."""
+    client = None
+    if settings.elevenlabs_api_key and settings.post_call_fetch_seconds > 0:
+        policy = FetchPolicy(deadline=settings.post_call_fetch_seconds)
+        client = ConversationsClient(settings.elevenlabs_api_base_url, settings.elevenlabs_api_key, policy)
+    return PostCall(store, client, settings.elevenlabs_webhook_secret, settings.elevenlabs_webhook_tolerance)
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     state: AppState = app.state.callbridge
@@ -146,6 +161,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await recovery
         await state.bridge.shutdown(0)
+        if state.postcall is not None:
+            await state.postcall.close()  # post-call fetches still asking are cancelled
         aclose = getattr(state.control, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -20,7 +20,7 @@ from callbridge.server.state import AppState
 
 __all__ = ["BridgeCollector", "healthz", "metrics", "readyz"]
 
-SIGNED_ROUTES = ("/twilio/inbound", "/twilio/status", "/twilio/media-stream")
+SIGNED_ROUTES = ("/twilio/inbound", "/twilio/status", "/twilio/amd", "/twilio/media-stream")
 
 
 class BridgeCollector(Collector):

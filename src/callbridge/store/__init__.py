@@ -274,6 +274,14 @@ class CallStore(Reads):
         op.update({"direction": direction, "from_number": from_, "to_number": to})
         self._enqueue(op)
 
+    async def set_answered_by(self, call_sid: str, answered_by: str) -> None:
+        """Who or what answered an outbound call (answering-machine detection)."""
+        self._enqueue({"op": "answered_by", "call_sid": call_sid, "answered_by": answered_by})
+
+    async def set_analysis(self, call_sid: str, analysis: dict[str, Any]) -> None:
+        """The post-call analysis of a recorded call; a record that has one keeps it."""
+        self._enqueue({"op": "analysis", "call_sid": call_sid, "analysis": analysis})
+
     def _enqueue(self, op: Op) -> None:
         op.setdefault("at", datetime.now(UTC).isoformat())
         op.setdefault("instance", self.instance)

@@ -78,6 +78,16 @@ def apply_op(row: dict[str, Any] | None, op: Op) -> dict[str, Any] | None:
         started = aware(row.get("started_at"))
         if started is not None and at is not None:
             row["duration_s"] = round((at - started).total_seconds(), 3)
+    elif kind == "answered_by":
+        # Answering-machine detection's verdict (Twilio's AnsweredBy); the latest one stands.
+        row = dict(row) if row is not None else _new_row(sid, op)
+        row["answered_by"] = op["answered_by"]
+    elif kind == "analysis":
+        # The post-call analysis: the first to arrive (API fetch or webhook) wins.
+        if row is None or row.get("analysis"):
+            return row
+        row = dict(row)
+        row["analysis"] = dict(op["analysis"])
     else:
         raise ValueError(f"unknown store operation {kind!r}")
     row["updated_at"] = at or datetime.now(UTC)

@@ -106,6 +106,20 @@ class Reads:
             row = apply_op(row, op)
         return row_to_dict(row) if row is not None else None
 
+    async def find_by_conversation(self, conversation_id: str) -> dict[str, Any] | None:
+        """The record of the call whose agent conversation is `conversation_id`, or None."""
+        for sid, ops in list(self._pending.items()):  # queued here, maybe not written yet
+            if any((op.get("record") or {}).get("conversation_id") == conversation_id for op in ops):
+                return await self.get(sid)
+        query = select(CALLS.c.call_sid).where(CALLS.c.conversation_id == conversation_id).limit(1)
+
+        async def work(conn: AsyncConnection) -> str | None:
+            found = (await conn.execute(query)).scalars().first()
+            return str(found) if found is not None else None
+
+        found: str | None = await self._read(work)
+        return await self.get(found) if found is not None else None
+
     async def list_calls(
         self,
         status: str | None = None,

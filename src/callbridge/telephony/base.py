@@ -183,9 +183,12 @@ class CallControl(Protocol):
         stream_url: str,
         parameters: Mapping[str, str],
         status_url: str | None = None,
+        machine_detection_url: str | None = None,
     ) -> PlacedCall:
         """Place an outbound call whose media stream connects to `stream_url` with
-        `parameters`. Never retried (a retry could ring a person twice)."""
+        `parameters`. Never retried (a retry could ring a person twice). With
+        `machine_detection_url`, the carrier detects answering machines in the background
+        and reports who answered there."""
         ...
 
     async def fetch_status(self, call_sid: str) -> str | None:

@@ -22,6 +22,7 @@ from websockets.http11 import Request, Response
 from callbridge.emulators._common import AsyncService, loopback_ip, netloc
 from callbridge.emulators.elevenlabs.agents_api import AGENTS_PATH, AgentsApi
 from callbridge.emulators.elevenlabs.conversation import EmulatedConversation
+from callbridge.emulators.elevenlabs.rest import CONVERSATIONS_PATH, ConversationDetails, SentWebhook
 from callbridge.emulators.elevenlabs.script import AgentScript
 from callbridge.emulators.elevenlabs.session import Session
 
@@ -80,6 +81,8 @@ class AgentEmulator(AsyncService):
         self._admissions: dict[int, _Admission] = {}
         self._server: Server | None = None
         self._new_conversation = asyncio.Condition()
+        #: The conversation details endpoint and post-call webhooks (:mod:`.rest`).
+        self.details = ConversationDetails()
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -158,6 +161,8 @@ class AgentEmulator(AsyncService):
         query = dict(parse_qsl(url.query, keep_blank_values=True))
         if path == SIGNED_URL_PATH:
             return self._signed_url(connection, request, query)
+        if path.startswith(CONVERSATIONS_PATH + "/"):
+            return self._conversation_details(connection, request, path[len(CONVERSATIONS_PATH) + 1 :])
         if path.startswith(AGENTS_PATH):  # an agent's configuration (agents_api.py)
             status, body = self.agents.get(path, request.headers.get("xi-api-key"), self.api_key)
             if status != http.HTTPStatus.OK:
@@ -226,6 +231,38 @@ class AgentEmulator(AsyncService):
             connection,
             http.HTTPStatus.OK,
             {"signed_url": self.ws_url(agent_id, conversation_signature=signature)},
+        )
+
+    def _conversation_details(
+        self, connection: ServerConnection, request: Request, conversation_id: str
+    ) -> Response:
+        given = request.headers.get("xi-api-key")
+        if self.api_key is not None and given != self.api_key:
+            status = "needs_authorization" if given is None else "invalid_api_key"
+            message = "Missing xi-api-key header" if given is None else "Invalid API key"
+            return self._reject(
+                connection,
+                request,
+                http.HTTPStatus.UNAUTHORIZED,
+                {"detail": {"status": status, "message": message}},
+            )
+        code, body = self.details.answer(self.conversations, conversation_id, given)
+        return _json_response(connection, http.HTTPStatus(code), body)
+
+    async def send_post_call_webhook(
+        self,
+        conversation_id: str,
+        url: str,
+        secret: str,
+        *,
+        timestamp: int | None = None,
+        event_type: str = "post_call_transcription",
+        signature: str | None = None,
+    ) -> SentWebhook:
+        """POST a signed ``post_call_transcription`` webhook of a conversation to ``url``."""
+        conv = next(c for c in self.conversations if c.conversation_id == conversation_id)
+        return await self.details.send_webhook(
+            conv, url, secret, timestamp=timestamp, event_type=event_type, signature=signature
         )
 
     def _reject(

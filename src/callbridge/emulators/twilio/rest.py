@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from callbridge.emulators.twilio.amd import MachineDetection
 from callbridge.emulators.twilio.calls import API_VERSION, EmulatedCall, RecordedRequest
 from callbridge.emulators.twilio.numbers import PhoneNumbers
 from callbridge.emulators.twilio.twiml import TwimlRunner
@@ -99,6 +100,11 @@ class RestApi(TwimlRunner):
         )
 
     # ---- REST API
+
+    @functools.cached_property
+    def machine_detection(self) -> MachineDetection:
+        """Answering-machine detection of outbound calls: what answers them (tests set it)."""
+        return MachineDetection()
 
     @functools.cached_property
     def phone_numbers(self) -> PhoneNumbers:
@@ -245,6 +251,9 @@ class RestApi(TwimlRunner):
                 error_body(400, 21205, "Either Url, Twiml or ApplicationSid parameter is required."),
                 status_code=400,
             )
+        refused = self.machine_detection.check(form)
+        if refused is not None:
+            return JSONResponse(error_body(400, 20001, refused), status_code=400)
         call = self._new_call(from_=from_, to=to, direction="outbound-api", status="queued")
         call.caller_audio = self.outbound_audio
         call._pending_twiml, call._pending_url = twiml, url
@@ -257,6 +266,7 @@ class RestApi(TwimlRunner):
             call.status_callback_events = events or {"completed"}
         self._emit_status_callback(call, "initiated")
         call._runner = self._spawn(self._run_outbound(call), name=f"twilio-emu-outbound-{call.sid}")
+        self.machine_detection.start(self, call, form)
         return JSONResponse(call.to_resource(), status_code=201)
 
     async def _update_call(self, call: EmulatedCall, form: dict[str, str]) -> Response:

@@ -236,9 +236,13 @@ class TwilioCallControl:
         stream_url: str,
         parameters: Mapping[str, str],
         status_url: str | None = None,
+        machine_detection_url: str | None = None,
     ) -> PlacedCall:
-        """Place an outbound call answered with `<Connect><Stream>` to the bridge."""
-        return await self.create_call(to, from_, connect_twiml(stream_url, parameters), status_url)
+        """Place an outbound call answered with `<Connect><Stream>` to the bridge; with
+        `machine_detection_url`, Twilio's asynchronous answering-machine detection (waiting
+        for the end of a machine's greeting) reports there."""
+        twiml = connect_twiml(stream_url, parameters)
+        return await self.create_call(to, from_, twiml, status_url, machine_detection_url)
 
     async def create_call(
         self,
@@ -246,6 +250,7 @@ class TwilioCallControl:
         from_: str,
         twiml: str,
         status_callback: str | None = None,
+        machine_detection_url: str | None = None,
     ) -> PlacedCall:
         """Place an outbound call whose TwiML connects it to the bridge.
 
@@ -257,6 +262,13 @@ class TwilioCallControl:
             kwargs["status_callback"] = status_callback
             kwargs["status_callback_event"] = ["initiated", "ringing", "answered", "completed"]
             kwargs["status_callback_method"] = "POST"
+        if machine_detection_url:
+            # The TwiML runs at once (the agent speaks to whoever answers); the verdict comes
+            # later, after a machine's greeting has ended (its beep).
+            kwargs["machine_detection"] = "DetectMessageEnd"
+            kwargs["async_amd"] = "true"
+            kwargs["async_amd_status_callback"] = machine_detection_url
+            kwargs["async_amd_status_callback_method"] = "POST"
         try:
             call = await asyncio.wait_for(
                 self.client.calls.create_async(**kwargs), self.retry.request_timeout

@@ -1,0 +1,113 @@
+"""Answering machines on outbound calls: Twilio's asynchronous answering-machine detection.
+
+`POST /calls {"machine_detection": "hangup" | "agent"}` places the call with
+`MachineDetection=DetectMessageEnd` and `AsyncAmd=true`: the call's TwiML (the media stream
+to the agent) runs at once, and Twilio later posts its verdict, signed like any webhook, to
+`POST /twilio/amd?mode=<mode>` (the mode travels in the URL Twilio signs, so any instance
+can act on it). The verdict (`AnsweredBy`) is kept in the call's record; then:
+
+- `human`, `unknown`: nothing changes;
+- a machine (`machine_end_beep`, `machine_end_silence`, `machine_end_other`, or
+  `machine_start`) with `hangup`, or a `fax`: the call ends `voicemail` (hung up);
+- a machine with `agent`: the agent gets a `contextual_update` saying it reached voicemail
+  after the beep, leaves its message and ends the call itself (`agent_ended`).
+
+A callback with a bad signature is refused 403; one for a call this server does not know
+is refused 404 and changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from callbridge.call import EndReason
+from callbridge.config import Settings
+from callbridge.logs import log_event
+from callbridge.server.state import AppState
+from callbridge.telephony.base import CallControlError
+from callbridge.telephony.twilio.webhooks import CALL_SID_RE, error, signed_form
+
+__all__ = [
+    "AMD_PATH",
+    "ANSWERED_BY",
+    "MACHINE_DETECTION_MODES",
+    "VOICEMAIL_UPDATE",
+    "amd_arguments",
+    "amd_callback",
+]
+
+log = logging.getLogger("callbridge.server")
+
+AMD_PATH = "/twilio/amd"
+MACHINE_DETECTION_MODES = ("off", "hangup", "agent")
+HUMAN = frozenset({"human", "unknown"})
+MACHINE = frozenset({"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other"})
+ANSWERED_BY = HUMAN | MACHINE | {"fax"}
+VOICEMAIL_UPDATE = (
+    "The call was answered by an answering machine, not a person, and its greeting has "
+    "ended (the beep has sounded): you are now recording a voicemail. Leave a short message "
+    "for the person you called, then end the call."
+)
+
+
+def amd_arguments(settings: Settings, mode: str) -> dict[str, Any]:
+    """The `place_call` keyword arguments for a `machine_detection` mode (none for off)."""
+    if mode not in ("hangup", "agent"):
+        return {}
+    return {"machine_detection_url": settings.public(f"{AMD_PATH}?mode={mode}")}
+
+
+async def amd_callback(request: Request) -> Response:
+    """`POST /twilio/amd?mode=hangup|agent`: Twilio's answering-machine verdict."""
+    state: AppState = request.app.state.callbridge
+    form = await signed_form(request, state)
+    if isinstance(form, Response):
+        return form
+    call_sid, answered_by = form.get("CallSid", ""), form.get("AnsweredBy", "")
+    mode = request.query_params.get("mode", "")
+    if not CALL_SID_RE.fullmatch(call_sid):
+        return error(400, "CallSid missing or malformed")
+    if answered_by not in ANSWERED_BY:
+        return error(400, f"AnsweredBy must be one of {', '.join(sorted(ANSWERED_BY))}")
+    if mode not in ("hangup", "agent"):
+        return error(400, "mode must be hangup or agent")
+    call = state.bridge.find(call_sid)
+    record: dict[str, Any] | None = None
+    if call is None:
+        record = await state.store.get(call_sid)  # StoreUnavailable: 503 (app-wide handler)
+        if record is None:
+            log_event(log, "amd.unknown_call", logging.WARNING, call_sid=call_sid, answered_by=answered_by)
+            return error(404, "no such call")
+    await state.store.set_answered_by(call_sid, answered_by)
+    log_event(
+        log,
+        "amd.result",
+        call_sid=call_sid,
+        answered_by=answered_by,
+        mode=mode,
+        detection_ms=form.get("MachineDetectionDuration", ""),
+        live_here=call is not None,
+    )
+    if answered_by in HUMAN:
+        return Response(status_code=204)
+    detail = f"answered by {answered_by} (machine detection: {mode})"
+    if mode == "agent" and answered_by in MACHINE:
+        if call is not None and call.agent is not None and call.agent.is_open:
+            await call.agent.send_contextual_update(VOICEMAIL_UPDATE)
+        else:
+            log_event(log, "amd.agent_not_live", logging.WARNING, call_sid=call_sid, answered_by=answered_by)
+        return Response(status_code=204)
+    if call is not None:
+        call.request_end(EndReason.VOICEMAIL, detail)
+    elif record is not None and record.get("status") != "ended":
+        # Not live here (its stream not connected yet, or held elsewhere): closed first, then
+        # hung up, so the status callback the hang-up brings finds it closed.
+        await state.store.close_record(call_sid, EndReason.VOICEMAIL.value, detail)
+        with contextlib.suppress(CallControlError):
+            await state.control.hangup(call_sid)
+    return Response(status_code=204)
