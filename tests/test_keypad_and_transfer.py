@@ -530,3 +530,15 @@ async def test_the_transfer_demo_passes(capsys: pytest.CaptureFixture[str]) -> N
     shown = capsys.readouterr().out
     assert "handoff         heard in full" in shown and "redirect        after the last mark" in shown
     assert "demo OK" in shown
+
+
+async def test_keypad_gatherer_bounds_a_whole_call() -> None:
+    from callbridge.keypad import KeypadEntry, KeypadGatherer
+
+    entries: list[KeypadEntry] = []
+    keypad = KeypadGatherer(entries.append, gap=60, max_digits=4, rate=1e9, burst=10**6, max_total=10)
+    accepted = [keypad.press(key) for key in "123456789012345x"]
+    assert accepted == [True] * 10 + [False] * 6
+    # Entries of at most 4 digits; the unfinished one is returned when the call ends.
+    assert [(e.digits, e.ended_by) for e in entries] == [("1234", "full"), ("5678", "full")]
+    assert keypad.close() == "90" and keypad.dropped == 6

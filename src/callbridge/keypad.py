@@ -2,9 +2,11 @@
 
 Digits the caller presses are collected until `#` or until no further key for
 `gap` seconds; then the whole entry is handed on at once, in the order pressed.
-A flood of presses (a stuck key, a tone generator, a fuzzer) is bounded twice: a
-token bucket admits at most `rate` digits a second (bursts of `burst`), and one
-entry holds at most `max_digits`; what is refused is counted, never queued.
+A flood of presses (a stuck key, a tone generator, a fuzzer) is bounded three
+times: a token bucket admits at most `rate` digits a second (bursts of `burst`),
+one entry holds at most `max_digits`, and one call at most `max_total` (no caller
+keys in hundreds of digits; a record must not grow for an hour at `rate`). What is
+refused is counted, never queued.
 Pure bookkeeping on the event loop's clock: no I/O, no vendor.
 """
 
@@ -42,12 +44,14 @@ class KeypadGatherer:
         max_digits: int = 32,
         rate: float = 10.0,
         burst: int = 32,
+        max_total: int = 500,
     ) -> None:
         self._on_entry = on_entry
         self.gap = gap
         self.max_digits = max_digits
         self.rate = rate
         self.burst = burst
+        self.max_total = max_total
         self._loop = asyncio.get_running_loop()
         self._digits: list[str] = []
         self._dropped = 0
@@ -69,7 +73,7 @@ class KeypadGatherer:
     def press(self, digit: str) -> bool:
         """One key; False when it was refused (not a keypad key, or over the limits)."""
         digit = digit.upper()
-        if digit not in KEYPAD_DIGITS or not self._take_token():
+        if digit not in KEYPAD_DIGITS or self.accepted >= self.max_total or not self._take_token():
             self._dropped += 1
             self.dropped += 1
             if self._digits and self._timer is None:
