@@ -61,7 +61,7 @@ from callbridge.lifecycle import (
     PhoneAction,
     PhoneLeg,
 )
-from callbridge.logs import log_event
+from callbridge.logs import bind_call, log_event
 from callbridge.record import CallRecord, RecordSink
 from callbridge.telephony.base import (
     CallControl,
@@ -413,6 +413,7 @@ class Call:
             self.request_end(EndReason.TELEPHONY_ERROR, str(exc))
             return
         self.info = info
+        bind_call(info.call_sid)  # every line logged for this call from here carries its SID
         self._notify(self._on_identified)
         rec = self.record
         rec.call_sid, rec.stream_sid = info.call_sid, info.stream_sid

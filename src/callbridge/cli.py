@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from callbridge import __version__
 from callbridge.config import ConfigError, Settings, sqlite_path
 from callbridge.dberrors import DatabaseError, describe_database, explain
-from callbridge.logs import JsonFormatter, log_event
+from callbridge.logs import JsonFormatter, TextFormatter, log_event, set_instance
 
 if TYPE_CHECKING:
     from callbridge.store import CallStore
@@ -35,7 +35,7 @@ def configure_logging(level: str = "info", json_logs: bool = False) -> None:
     if json_logs:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -201,6 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise CliError(f"--workers must be 1 or more (one per CPU core is typical), got {args.workers}")
     settings = _serve_settings(args)
+    set_instance(settings.instance_id)  # every log line names its process (workers: their own)
     sock = _bind(args.host, args.port)  # before any log line: a port in use is the only line
     configure_logging(args.log_level, args.json_logs)
     if not settings.api_token:

@@ -33,9 +33,10 @@ from callbridge.agents.elevenlabs.session import ElevenLabsConfig, session_facto
 from callbridge.bridge import Bridge
 from callbridge.call import CallHooks, Tool
 from callbridge.config import Settings
-from callbridge.logs import log_event
+from callbridge.logs import log_event, set_instance
 from callbridge.recovery import reconcile
 from callbridge.server import amd, api, metrics, transfers
+from callbridge.server.accesslog import AccessLog
 from callbridge.server.api import validate_call_request
 from callbridge.server.postcall import PostCall, post_call_webhook
 from callbridge.server.state import AppState, stream_settled
@@ -76,6 +77,7 @@ def create_app(
     hooks: CallHooks | None = None,
     tools: Mapping[str, Tool] | None = None,
 ) -> Starlette:
+    set_instance(settings.instance_id)  # every log line of this process names its instance
     control = control or TwilioCallControl(
         settings.twilio_account_sid, settings.twilio_auth_token, settings.twilio_api_base_url
     )
@@ -132,6 +134,7 @@ def create_app(
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={StoreUnavailable: api.store_unavailable}
     )
+    app.add_middleware(AccessLog)  # method, path, status, duration (server/accesslog.py)
     app.state.callbridge = state
     _host: webhooks.TwilioHost = state  # for mypy: the state is what the Twilio routes expect
     return app
