@@ -106,6 +106,9 @@ async def test_machine_with_agent_gets_a_contextual_update_and_the_agent_ends(
     )
     assert told_at < message_at
     assert record["end_reason"] == "agent_ended" and record["answered_by"] == "machine_end_silence"
+    assert [e["text"] for e in record["timeline"] if e["event"] == "agent.contextual_update"] == [
+        VOICEMAIL_UPDATE[:200]
+    ]
     assert [e["text"] for e in record["transcript"]][-1].startswith("Hi, this is the clinic")
 
 

@@ -97,9 +97,8 @@ async def amd_callback(request: Request) -> Response:
         return Response(status_code=204)
     detail = f"answered by {answered_by} (machine detection: {mode})"
     if mode == "agent" and answered_by in MACHINE:
-        if call is not None and call.agent is not None and call.agent.is_open:
-            await call.agent.send_contextual_update(VOICEMAIL_UPDATE)
-        else:
+        # Call.send_contextual_update also keeps it in the record's timeline.
+        if call is None or not await call.send_contextual_update(VOICEMAIL_UPDATE):
             log_event(log, "amd.agent_not_live", logging.WARNING, call_sid=call_sid, answered_by=answered_by)
         return Response(status_code=204)
     if call is not None:
