@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 
 from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, Say
 from callbridge.emulators.twilio import TwilioEmulator, twilio_signature
+from tests.pgserver import PostgresServer
 from tests.serverkit import (
     API_TOKEN,
     clean_env,
@@ -32,6 +34,7 @@ from tests.serverkit import (
     running_server,
     serve_cli,
     settings_for,
+    wait_until,
     wait_until_async,
 )
 
@@ -351,3 +354,85 @@ async def test_the_fleet_cap_counts_every_instance(pg_url: str) -> None:
         again = await twilio.place_inbound_call(f"{b.url}/twilio/inbound")
         await agent.wait_for_conversations(2, timeout=10)
         assert twilio.calls[again.sid].status == "in-progress"
+
+
+# -- refusals at start ----------------------------------------------------------------------
+
+
+async def serve_refused(env: dict[str, str], port: int, cwd: Path | None = None) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "callbridge.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        env=env, cwd=cwd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+async def test_a_second_process_on_one_sqlite_file_is_refused_naming_postgresql(
+    emulators: tuple[TwilioEmulator, AgentEmulator], tmp_path: Path
+) -> None:
+    twilio, agent = emulators
+    url = f"sqlite+aiosqlite:///{tmp_path}/calls.db"
+    first_port, second_port = free_port(), free_port()
+    first = await serve_cli(env_for(twilio, agent, url, first_port), first_port)
+    try:
+        code, err = await serve_refused(env_for(twilio, agent, url, second_port), second_port)
+    finally:
+        await stop_process(first)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "already served by another callbridge process" in lines[0] and "PostgreSQL" in lines[0]
+    assert first.returncode == 0
+
+
+async def test_an_instance_id_held_by_a_live_instance_is_refused(
+    pg_url: str, emulators: tuple[TwilioEmulator, AgentEmulator]
+) -> None:
+    twilio, agent = emulators
+    first_port, second_port = free_port(), free_port()
+    named = {"CALLBRIDGE_INSTANCE_ID": "bridge-east"}
+    first = await serve_cli(env_for(twilio, agent, pg_url, first_port, **named), first_port)
+    try:
+        code, err = await serve_refused(env_for(twilio, agent, pg_url, second_port, **named), second_port)
+        async with api(first_port) as http:
+            assert (await http.get("/readyz")).json()["instance"] == "bridge-east"  # untouched
+    finally:
+        await stop_process(first)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "'bridge-east' is in use by a live instance" in lines[0] and f"pid {first.pid}" in lines[0]
+
+
+async def test_a_database_outage_longer_than_a_lease_hangs_up_nobody(
+    pg_url: str, pg_server: PostgresServer
+) -> None:
+    """Every lease expires while PostgreSQL hangs; when it answers again, each instance renews
+    its own before judging the others', so no live call is taken for a dead instance's."""
+    lease = 2.0
+    short = {"instance_lease_seconds": lease}
+    async with (
+        TwilioEmulator() as twilio,
+        AgentEmulator(talkative()) as agent,
+        running_server(settings_for(twilio, agent, pg_url, instance_id="a", **short)) as a,
+        running_server(settings_for(twilio, agent, pg_url, instance_id="b", **short)) as b,
+    ):
+        on_a = await twilio.place_inbound_call(f"{a.url}/twilio/inbound")
+        on_b = await twilio.place_inbound_call(f"{b.url}/twilio/inbound")
+        await agent.wait_for_conversations(2, timeout=10)
+        pg_server.pause()
+        try:
+            await asyncio.sleep(lease * 3)  # every lease has expired by the database's clock
+            assert a.state.fleet is not None and b.state.fleet is not None
+            await wait_until(lambda: not a.state.fleet.lease_ok, lease * 2, "a reports its lease not held")
+            async with httpx.AsyncClient() as http:
+                assert (await http.get(f"{a.url}/readyz")).status_code == 503
+        finally:
+            pg_server.resume()
+        fleets = (a.state.fleet, b.state.fleet)
+        await wait_until(lambda: all(f.lease_ok for f in fleets), lease * 3, "leases renewed")
+        await asyncio.sleep(lease * 2)  # heartbeats (and their judgement of each other) run
+        assert twilio.calls[on_a.sid].status == "in-progress"
+        assert twilio.calls[on_b.sid].status == "in-progress"
+        assert a.state.bridge.find(on_a.sid) is not None and b.state.bridge.find(on_b.sid) is not None
+        assert a.state.fleet.reconciled_runs == 0 and b.state.fleet.reconciled_runs == 0

@@ -112,9 +112,10 @@ async def _open_store(
     return store
 
 
-def _preflight(settings: Settings) -> None:
+def _preflight(settings: Settings, check_instance: bool = True) -> None:
     """Open the database, set it up, close it: before uvicorn starts, so that a database
-    that cannot be opened is one line and exit status 2, not a traceback from the lifespan."""
+    that cannot be opened is one line and exit status 2, not a traceback from the lifespan.
+    `check_instance`: refuse an instance id held by a live instance (one line too)."""
 
     async def check() -> None:
         store = await _open_store(
@@ -123,7 +124,11 @@ def _preflight(settings: Settings) -> None:
             spool_path=settings.spool_path(),
             start=False,  # the server takes the spool back itself, before crash recovery
         )
-        await store.close()
+        try:
+            if check_instance:
+                await _check_instance_free(store, settings.instance_id)
+        finally:
+            await store.close()
 
     asyncio.run(check())
     log_event(
@@ -131,6 +136,25 @@ def _preflight(settings: Settings) -> None:
         "server.database",
         database=describe_database(settings.database_url),
     )
+
+
+async def _check_instance_free(store: Any, instance_id: str) -> None:
+    """An instance id (named by the operator) whose lease another live process holds."""
+    from callbridge.server.fleet import host_key, pid_alive
+    from callbridge.store.fleet import FleetTables
+
+    tables = FleetTables(store.engine, timeout=store.timeout)
+    now, leases = await tables.leases()
+    for lease in leases:
+        if lease.instance_id != instance_id or lease.expires_at < now or lease.reconciled_by is not None:
+            continue
+        if lease.host == host_key() and not pid_alive(lease.pid):
+            continue  # this instance's previous run, gone: the server closes its calls
+        raise CliError(
+            f"instance id {instance_id!r} is in use by a live instance (host {lease.host.split('/')[0]}, "
+            f"pid {lease.pid}, lease until {lease.expires_at:%H:%M:%S} UTC): give every instance its own "
+            "CALLBRIDGE_INSTANCE_ID, or leave it unset (each process then names itself)"
+        )
 
 
 # -- serve ------------------------------------------------------------------------
@@ -176,6 +200,19 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_sqlite_free(url: str) -> None:
+    """A second process on one SQLite file is refused before it starts (the running
+    server holds `<file>.instance-lock`: server/fleet.py)."""
+    from callbridge.server.fleet import FleetError, sqlite_lock
+
+    try:
+        fd = sqlite_lock(url)
+    except FleetError as exc:
+        raise CliError(str(exc)) from None
+    if fd is not None:
+        os.close(fd)
+
+
 def _run_server(settings: Settings, host: str, port: int, sockets: list[Any] | None = None) -> int:
     from callbridge.server.app import create_app
     from callbridge.server.run import GracefulServer, make_config
@@ -186,15 +223,24 @@ def _run_server(settings: Settings, host: str, port: int, sockets: list[Any] | N
     return EXIT_RECORDS_UNWRITTEN if app.state.callbridge.unwritten else 0
 
 
-def _worker(sockets: list[Any] | None = None, index: int = 0) -> None:
-    # Each worker is its own instance in the records: a restarted worker must reconcile
-    # only the calls it left open, never its live siblings'.
-    base = os.environ.get("CALLBRIDGE_INSTANCE_ID") or socket.gethostname()
-    os.environ["CALLBRIDGE_INSTANCE_ID"] = f"{base}-w{index}"
+def worker_app() -> Any:
+    """The app of one gunicorn worker (`--workers N`), built in the worker from the
+    environment the parent filled from its flags. Each worker is its own instance."""
+    from callbridge.server.app import create_app
+    from callbridge.server.workers import WORKER_AGE
+
+    named = os.environ.get("CALLBRIDGE_INSTANCE_ID")
+    if named:  # an operator's name: one instance per worker, named after it
+        os.environ["CALLBRIDGE_INSTANCE_ID"] = f"{named}-w{os.environ.get(WORKER_AGE, '0')}"
     configure_logging(
         os.environ.get("CALLBRIDGE_LOG_LEVEL", "info"), os.environ.get("CALLBRIDGE_JSON_LOGS") == "1"
     )
-    sys.exit(_run_server(_serve_settings(None), "0.0.0.0", 0, sockets))
+    try:
+        settings = _serve_settings(None)
+    finally:
+        if named:
+            os.environ["CALLBRIDGE_INSTANCE_ID"] = named
+    return create_app(settings)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -202,22 +248,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(f"--workers must be 1 or more (one per CPU core is typical), got {args.workers}")
     settings = _serve_settings(args)
     set_instance(settings.instance_id)  # every log line names its process (workers: their own)
+    if args.workers > 1 and not settings.database_url.startswith("postgresql"):
+        raise CliError(
+            f"--workers {args.workers} needs PostgreSQL: SQLite is for one process "
+            "(set CALLBRIDGE_DATABASE_URL=postgresql+asyncpg://user:password@host/db, or use --workers 1)"
+        )
     sock = _bind(args.host, args.port)  # before any log line: a port in use is the only line
+    try:
+        _check_sqlite_free(settings.database_url)  # a second process on one SQLite file
+    except CliError:
+        sock.close()
+        raise
     configure_logging(args.log_level, args.json_logs)
     if not settings.api_token:
         logging.getLogger("callbridge").warning(
             "CALLBRIDGE_API_TOKEN is not set: the /calls API answers 503 until it is"
         )
     try:
-        _preflight(settings)  # once, in this process, also when there are workers
+        _preflight(settings, check_instance=args.workers <= 1)  # once, also when there are workers
         if args.workers <= 1:
             return _run_server(settings, args.host, args.port, [sock])
     except BaseException:
         sock.close()
         raise
-    # Each worker is its own process with its own calls, built from the environment
-    # (flags are put there first); SIGTERM is forwarded and each worker drains its calls.
+    # gunicorn supervises the workers (server/workers.py); each builds its own app from
+    # the environment (flags are put there first) and drains its calls on SIGTERM.
     from callbridge.config import ENV_VARS
+    from callbridge.server.workers import run_workers
 
     for name in ("public_url", "database_url", "max_call_seconds", "max_concurrent_calls"):
         value = getattr(args, name, None)
@@ -225,33 +282,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ[ENV_VARS[name]] = str(value)
     os.environ["CALLBRIDGE_LOG_LEVEL"] = args.log_level
     os.environ["CALLBRIDGE_JSON_LOGS"] = "1" if args.json_logs else "0"
-    return _supervise(sock, args.workers)
-
-
-def _supervise(sock: socket.socket, workers: int) -> int:
-    import multiprocessing
-    import signal
-
-    ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker, kwargs={"sockets": [sock], "index": i}, daemon=False)
-        for i in range(workers)
-    ]
-    for proc in procs:
-        proc.start()
-
-    def forward(sig: int, _frame: Any) -> None:
-        for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, sig)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for proc in procs:
-        proc.join()
-    sock.close()
-    unwritten = any(proc.exitcode == EXIT_RECORDS_UNWRITTEN for proc in procs)
-    return EXIT_RECORDS_UNWRITTEN if unwritten else 0
+    # gunicorn takes the descriptor over (and closes it when it stops).
+    run_workers(sock.detach(), args.workers, settings.shutdown_grace_seconds, args.log_level)
+    return 0
 
 
 # -- call -------------------------------------------------------------------------

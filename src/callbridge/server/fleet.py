@@ -141,6 +141,10 @@ class Fleet:
         self.commands_sent = 0
         self.commands_received = 0
         self._renewed = 0.0  # monotonic time of the last renewal
+        # Since when every renewal has succeeded (None: the last one failed). Another
+        # instance's expired lease is only trusted after a whole lease period of this: after a
+        # database outage every lease has expired, and the others need one heartbeat to renew.
+        self._healthy_since: float | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
         self._listener: Any = None  # asyncpg connection LISTENing on CHANNEL
@@ -257,6 +261,7 @@ class Fleet:
             await asyncio.sleep(0.5)
         self.lease_ok = True
         self._renewed = time.monotonic()
+        self._healthy_since = self._renewed
         log_event(
             log,
             "fleet.joined",
@@ -281,10 +286,13 @@ class Fleet:
         try:
             await self._renew()
         except Exception as exc:
+            self._healthy_since = None
             if time.monotonic() - self._renewed > self.lease_s * 2 / 3:
                 self.lease_ok = False
             log_event(log, "fleet.renew_failed", logging.WARNING, instance=self.instance_id, error=str(exc))
             return
+        if self._healthy_since is None:
+            self._healthy_since = time.monotonic()
         if not self._spool_done.is_set():
             return
         try:
@@ -323,6 +331,9 @@ class Fleet:
         """Claim and reconcile every dead run (expired lease, or a process gone from this
         host); the number reconciled here."""
         now, leases = await self.tables.leases()
+        # Expired leases are judged only by an instance that has itself renewed without a gap for
+        # a lease period (a process gone from this host is certain at once).
+        healthy = self._healthy_since is not None and time.monotonic() - self._healthy_since >= self.lease_s
         live_ids = {
             lease.instance_id for lease in leases if lease.expires_at >= now and lease.reconciled_by is None
         }
@@ -334,7 +345,7 @@ class Fleet:
             stale_claim = lease.reconciled_by is not None and lease.reconciled_by not in live_ids
             if lease.reconciled_by is not None and not stale_claim:
                 continue  # being reconciled by a live instance
-            if not (gone_here or lease.expires_at < now or stale_claim):
+            if not (gone_here or (healthy and (lease.expires_at < now or stale_claim))):
                 continue
             cutoff = await self.tables.claim(
                 lease, self.instance_id, expired_only=not gone_here and not stale_claim
@@ -344,7 +355,8 @@ class Fleet:
             await self._reconcile_run(lease, cutoff)
             await self.tables.release(lease.instance_id, lease.run_id)
             done += 1
-        done += await self._reconcile_orphans(leases, now)
+        if healthy:
+            done += await self._reconcile_orphans(leases, now)
         return done
 
     async def _reconcile_orphans(self, leases: list[Lease], now: datetime) -> int:
