@@ -28,12 +28,14 @@ lint: $(STAMP)
 # The fast tier (under 3 min on 2 cores): lint, the fast tests on SQLite, then the fast tests
 # marked `database` again on a real PostgreSQL server that the tests start themselves
 # (tests/pgserver.py; binaries from scripts/ensure-postgres.sh; Caddy for the reverse-proxy test
-# from scripts/ensure-caddy.sh). The PostgreSQL pass of the fast
+# from scripts/ensure-caddy.sh; Chromium for the console's browser tests from
+# scripts/ensure-chromium.sh). The PostgreSQL pass of the fast
 # tier leaves out the fault matrix (each cell writes the same two records; `make test-all` runs
 # all of it on both backends).
 test: lint
 	scripts/ensure-postgres.sh
 	scripts/ensure-caddy.sh
+	scripts/ensure-chromium.sh
 	$(PYTEST) -m "$(FAST)"
 	$(PYTEST) -m "database and $(FAST)" --db=postgresql --ignore=tests/test_fault_matrix.py
 
@@ -42,6 +44,7 @@ test: lint
 test-all: lint
 	scripts/ensure-postgres.sh
 	scripts/ensure-caddy.sh
+	scripts/ensure-chromium.sh
 	$(PYTEST)
 	$(PYTEST) -m database --db=postgresql
 
@@ -49,8 +52,10 @@ test-postgres: $(STAMP)
 	scripts/ensure-postgres.sh
 	$(PYTEST) -m database --db=postgresql
 
+# `make demo DEMO_ARGS=--keep`: the server stays up after the call, for the web console.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(BIN)/callbridge demo
+	$(BIN)/callbridge demo $(DEMO_ARGS)
 
 # Two instances on one PostgreSQL, on this machine: calls on both, a hang-up through the other
 # instance, one instance killed and its calls closed by the survivor (scripts/fleet_demo.py).

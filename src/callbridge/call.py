@@ -1014,6 +1014,10 @@ class Call:
         t = self._loop.time()
         if self._last_mark_at is not None and END_POLICY[reason].play_goodbye:
             self.metrics["hangup_latency_ms"] = round((t - self._last_mark_at) * 1000, 1)
+            # On the timeline too: when the caller had heard the goodbye's last mark.
+            heard_at = round(self._last_mark_at - self._t0, 3)
+            self.record.timeline.append({"t": heard_at, "event": "phone.last_mark"})
+        self._mark("phone.request_hangup")
         try:
             outcome = await self.control.hangup(call_sid)
         except CallControlError as exc:

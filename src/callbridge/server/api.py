@@ -16,7 +16,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -137,9 +137,13 @@ async def list_calls(request: Request) -> Response:
     try:
         limit = min(max(int(q.get("limit", "50")), 1), 200)
         offset = max(int(q.get("offset", "0")), 0)
-        since = datetime.fromisoformat(q["since"]) if q.get("since") else None
+        since = utc_time(q["since"]) if q.get("since") else None
+        until = utc_time(q["until"]) if q.get("until") else None
     except ValueError:
-        return error(400, "limit/offset must be integers and since an ISO 8601 time")
+        return error(400, "limit/offset must be integers and since/until ISO 8601 times")
+    view = q.get("view", "full")
+    if view not in ("full", "brief"):
+        return error(400, "view must be full or brief")
     status = q.get("status")
     if status and status not in ("active", "ended"):
         return error(400, "status must be active or ended")
@@ -147,9 +151,21 @@ async def list_calls(request: Request) -> Response:
     if reason and reason not in {r.value for r in EndReason}:
         return error(400, f"unknown end_reason {reason!r}")
     page = await state_of(request).store.list_calls(
-        status=status, end_reason=reason, since=since, limit=limit, offset=offset
+        status=status,
+        end_reason=reason,
+        since=since,
+        until=until,
+        limit=limit,
+        offset=offset,
+        brief=view == "brief",
     )
     return JSONResponse({"calls": page.items, "next_offset": page.next_offset})
+
+
+def utc_time(text: str) -> datetime:
+    """An ISO 8601 time as UTC (the records' times are UTC); one without an offset is UTC."""
+    value = datetime.fromisoformat(text)
+    return value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 async def get_call(request: Request) -> Response:

@@ -35,7 +35,7 @@ from callbridge.call import CallHooks, Tool
 from callbridge.config import Settings
 from callbridge.logs import log_event, set_instance
 from callbridge.recovery import reconcile
-from callbridge.server import amd, api, metrics, transfers
+from callbridge.server import amd, api, console, metrics, transfers
 from callbridge.server.accesslog import AccessLog
 from callbridge.server.api import validate_call_request
 from callbridge.server.postcall import PostCall, post_call_webhook
@@ -130,12 +130,14 @@ def create_app(
         Route("/calls/{call_sid}/transfer", token(transfers.transfer_call), methods=["POST"]),
         Route("/healthz", metrics.healthz, methods=["GET"]),
         Route("/metrics", metrics.metrics, methods=["GET"]),
+        *console.routes(),  # the web console under /ui/ (server/console.py)
     ]
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={StoreUnavailable: api.store_unavailable}
     )
     app.add_middleware(AccessLog)  # method, path, status, duration (server/accesslog.py)
     app.state.callbridge = state
+    app.state.console_feed = console.LiveFeed(bridge)
     _host: webhooks.TwilioHost = state  # for mypy: the state is what the Twilio routes expect
     return app
 

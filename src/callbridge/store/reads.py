@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, Integer, cast, extract, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -20,6 +20,47 @@ __all__ = ["Page", "Reads", "StoreUnavailable", "short"]
 
 T = TypeVar("T")
 ListOfDicts = list[dict[str, Any]]
+
+
+# The columns of a list view (`list_calls(brief=True)`).
+BRIEF_COLUMNS = (
+    CALLS.c.call_sid,
+    CALLS.c.direction,
+    CALLS.c.from_number,
+    CALLS.c.to_number,
+    CALLS.c.status,
+    CALLS.c.end_reason,
+    CALLS.c.started_at,
+    CALLS.c.ended_at,
+    CALLS.c.duration_s,
+)
+
+
+BRIEF_KEYS = (
+    "call_sid",
+    "direction",
+    "from",
+    "to",
+    "status",
+    "end_reason",
+    "started_at",
+    "ended_at",
+    "duration_s",
+)
+# How `summary` names the calls that have no end reason yet.
+NOT_ENDED = "(not ended)"
+
+
+def brief_dict(row: dict[str, Any]) -> dict[str, Any]:
+    full = row_to_dict(row)
+    return {key: full[key] for key in BRIEF_KEYS}
+
+
+def _minute_bucket(dialect: str) -> ColumnElement[Any]:
+    """Minutes since the epoch of `started_at`, in the database's own terms."""
+    if dialect == "sqlite":
+        return cast(func.strftime("%s", CALLS.c.started_at), Integer) // 60
+    return cast(func.floor(extract("epoch", CALLS.c.started_at) / 60), Integer)
 
 
 class StoreUnavailable(Exception):
@@ -127,14 +168,20 @@ class Reads:
         since: datetime | None = None,
         limit: int = 50,
         offset: int = 0,
+        until: datetime | None = None,
+        brief: bool = False,
     ) -> Page:
-        query = select(CALLS)
+        """A page of records, newest first. `brief`: the list's columns only (no transcript,
+        timeline, events or metrics), for a list view over thousands of records."""
+        query = select(*BRIEF_COLUMNS) if brief else select(CALLS)
         if status:
             query = query.where(CALLS.c.status == status)
         if end_reason:
             query = query.where(CALLS.c.end_reason == end_reason)
         if since:
             query = query.where(CALLS.c.started_at >= since)
+        if until:
+            query = query.where(CALLS.c.started_at < until)
         query = query.order_by(CALLS.c.started_at.desc(), CALLS.c.call_sid).offset(offset).limit(limit + 1)
 
         async def work(conn: AsyncConnection) -> list[dict[str, Any]]:
@@ -143,7 +190,33 @@ class Reads:
         await self._settle()
         rows = await self._read(work)
         more = len(rows) > limit
-        return Page([row_to_dict(r) for r in rows[:limit]], offset + limit if more else None)
+        shown = brief_dict if brief else row_to_dict
+        return Page([shown(r) for r in rows[:limit]], offset + limit if more else None)
+
+    async def summary(self, since: datetime) -> dict[str, Any]:
+        """Calls started per minute and end reasons since `since`, counted by the database
+        (GROUP BY on the indexed started_at), never by loading rows."""
+        recent = CALLS.c.started_at >= since
+        minute = _minute_bucket(self.engine.dialect.name)
+        per_minute = select(minute, func.count()).where(recent).group_by(minute).order_by(minute)
+        reasons = select(CALLS.c.end_reason, func.count()).where(recent).group_by(CALLS.c.end_reason)
+
+        async def work(conn: AsyncConnection) -> dict[str, Any]:
+            minutes = [(int(m), int(n)) for m, n in (await conn.execute(per_minute)).all() if m is not None]
+            rows = (await conn.execute(reasons)).all()
+            ends = {str(r) if r is not None else NOT_ENDED: int(n) for r, n in rows}
+            return {"per_minute": minutes, "end_reasons": ends}
+
+        await self._settle()
+        counted = await self._read(work)
+        return {
+            "since": since.isoformat(),
+            "per_minute": [
+                {"minute": datetime.fromtimestamp(m * 60, UTC).isoformat(), "calls": n}
+                for m, n in counted["per_minute"]
+            ],
+            "end_reasons": counted["end_reasons"],
+        }
 
     async def count_by_end_reason(self) -> dict[str, int]:
         query = select(CALLS.c.end_reason, func.count()).group_by(CALLS.c.end_reason)
