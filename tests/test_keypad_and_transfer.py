@@ -316,6 +316,22 @@ async def test_caller_gone_while_the_redirect_is_sent_ends_caller_hung_up(twilio
     assert out.call.dials == []
 
 
+async def test_an_end_while_the_redirect_is_in_flight_never_hangs_up_a_transferred_call(
+    twilio: TwilioEmulator,
+) -> None:
+    # Twilio takes 3 s to answer the redirect (and then does it); the call's maximum
+    # duration runs out meanwhile. Teardown waits for the redirect's answer: the caller is
+    # with the person, so nothing is hung up.
+    twilio.inject_fault("update", delay=3.0)
+    options = CallOptions(transfer_allow=parse_allow_list(DESK), max_call_seconds=2.5)
+    out = await one_call(twilio, transfer_script(DESK), options)
+    assert out.record.end_reason == "max_duration"
+    assert events(out.record, "transfer.redirected")
+    hangups = [r for r in twilio.requests if r.form.get("Status") == "completed"]
+    assert hangups == []
+    assert [d.target for d in out.call.dials] == [DESK]
+
+
 async def test_agent_failure_hands_the_caller_to_the_fallback_number(twilio: TwilioEmulator) -> None:
     script = AgentScript(steps=[Say("Hello.", seconds=0.2), Close(1011, "boom")], realtime_factor=FAST)
     settings = Settings(

@@ -23,6 +23,7 @@ only the interfaces.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -208,6 +209,7 @@ class Call:
         self._transfer: str | None = None
         self._transfer_to: str | None = None
         self._stop_during_redirect = False
+        self._redirect_done = asyncio.Event()
         self.metrics: dict[str, Any] = {
             "agent_connect_ms": None,
             "hangup_latency_ms": None,
@@ -830,6 +832,8 @@ class Call:
                     EndReason.TELEPHONY_ERROR, f"transfer to {where} failed ({exc}); the call was hung up"
                 )
             raise
+        finally:
+            self._redirect_done.set()
         self._phone_is(PhoneLeg.TRANSFERRED)
         self._mark("transfer.redirected", to=where)
         log_event(log, "transfer.redirected", call_sid=call_sid, to=where, by=by)
@@ -994,6 +998,12 @@ class Call:
     async def _step_phone_leg(self, reason: EndReason) -> None:
         call_sid = self.call_sid
         action = END_POLICY[reason].phone
+        if self._transfer == "redirecting":
+            # Ended (max duration, a hang-up request...) while Twilio is being asked to dial
+            # the person: its answer says whether the phone leg is still ours to end.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.options.final_audio_timeout):
+                    await self._redirect_done.wait()
         if call_sid is None or self.control is None or self.phone is not PhoneLeg.UP:
             return  # no verified call, nothing to control it with, or not ours to end
         if action is PhoneAction.LEAVE:
