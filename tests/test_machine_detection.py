@@ -185,3 +185,20 @@ async def test_emulator_refuses_synchronous_detection_and_unknown_modes(twilio: 
         odd = await http.post(url, data={**base, "MachineDetection": "Maybe", "AsyncAmd": "true"})
     assert sync.status_code == 400 and "AsyncAmd" in sync.json()["message"]
     assert odd.status_code == 400 and "Enable or DetectMessageEnd" in odd.json()["message"]
+
+
+@pytest.mark.database
+async def test_machine_on_a_call_whose_stream_never_connected_is_closed_then_hung_up(
+    twilio: TwilioEmulator, db_url: str
+) -> None:
+    twilio.machine_detection.answered_by = "machine_end_other"
+    twilio.stream_upgrade_fault = "hang"  # the stream never reaches the bridge
+    async with AgentEmulator(talkative()) as agent:
+        settings = settings_for(twilio, agent, db_url, stream_connect_timeout=30.0)
+        async with running_server(settings) as srv:
+            sid = await place(srv, "hangup")
+            record = await ended_record(srv, sid)
+            call = twilio.calls[sid]
+            await call.wait_ended(5)
+    assert record["end_reason"] == "voicemail" and record["answered_by"] == "machine_end_other"
+    assert call.end_cause == "rest_completed" and agent.conversations == []

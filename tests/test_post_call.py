@@ -252,3 +252,28 @@ async def test_fetches_are_cancelled_at_shutdown_and_webhooks_off_without_a_secr
         assert postcall.fetching == 0
     assert off.status_code == 503 and "CALLBRIDGE_ELEVENLABS_WEBHOOK_SECRET" in off.json()["error"]
     assert record["end_reason"] == "agent_ended" and record["analysis"] is None
+
+
+def test_store_operations_keep_the_first_analysis_and_replay_idempotently() -> None:
+    from callbridge.store import apply_op
+
+    sid = "CA" + "1" * 32
+    at = "2026-01-01T00:00:00+00:00"
+    row = apply_op(
+        None, {"op": "placeholder", "call_sid": sid, "direction": "outbound", "from": "+1", "to": "+2"}
+    )
+    first = {"op": "analysis", "call_sid": sid, "at": at, "analysis": {"source": "webhook", "cost": 1}}
+    second = {"op": "analysis", "call_sid": sid, "at": at, "analysis": {"source": "api", "cost": 2}}
+    verdict = {"op": "answered_by", "call_sid": sid, "at": at, "answered_by": "machine_end_beep"}
+    once = apply_op(apply_op(row, verdict), first)
+    assert once is not None and once["analysis"] == {"source": "webhook", "cost": 1}
+    assert apply_op(once, first) == once  # a spool replayed twice changes nothing
+    kept = apply_op(once, second)
+    assert kept is not None and kept["analysis"] == once["analysis"]  # the first one wins
+    assert apply_op(None, first) is None  # no record of the call: nothing to attach it to
+    # The call's own final record (written after) keeps both.
+    final = apply_op(once, {"op": "record", "call_sid": sid, "at": at, "record": {"status": "ended"}})
+    assert final is not None and final["answered_by"] == "machine_end_beep" and final["analysis"]["cost"] == 1
+    # A verdict may come before any record (it starts one, like a status callback).
+    started = apply_op(None, verdict)
+    assert started is not None and started["answered_by"] == "machine_end_beep"
