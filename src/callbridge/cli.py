@@ -489,6 +489,16 @@ def cmd_numbers(args: argparse.Namespace) -> int:
 # -- demo -------------------------------------------------------------------------
 
 
+def _keep_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--keep takes seconds, not {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("--keep takes a number of seconds above 0")
+    return value
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import signal
 
@@ -497,7 +507,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     configure_logging("warning" if not args.verbose else "info")
     try:
         code: int = asyncio.run(
-            run_demo_interruptible(verbose=args.verbose, transfer=getattr(args, "transfer", False))
+            run_demo_interruptible(
+                verbose=args.verbose, transfer=getattr(args, "transfer", False), keep=args.keep
+            )
         )
     except KeyboardInterrupt:  # a press as the event loop closes: the demo already said so
         code = EXIT_INTERRUPTED
@@ -591,6 +603,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--transfer",
         action="store_true",
         help="the keypad-and-transfer call: digits to the agent, then a handover to a person",
+    )
+    demo.add_argument(
+        "--keep",
+        nargs="?",
+        const=float("inf"),
+        default=0.0,
+        type=_keep_seconds,
+        metavar="SECONDS",
+        help="after the call, keep serving the web console (printed with its URL) until Ctrl-C, "
+        "or for SECONDS",
     )
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import secrets
 import signal
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from callbridge.call import Call, CallHooks, CallRecord
@@ -39,7 +41,7 @@ from callbridge.server.app import create_app
 from callbridge.server.run import GracefulServer, make_config
 from callbridge.store import CallStore
 
-__all__ = ["EXIT_INTERRUPTED", "run_demo", "run_demo_interruptible"]
+__all__ = ["EXIT_INTERRUPTED", "Keep", "run_demo", "run_demo_interruptible"]
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
@@ -95,21 +97,49 @@ class _DemoServer(GracefulServer):
         yield
 
 
-async def run_demo_interruptible(verbose: bool = False, transfer: bool = False) -> int:
+@dataclass
+class Keep:
+    """`demo --keep`: how long the server stays up after the call, for the web console (0: not
+    at all; infinity: until Ctrl-C). A Ctrl-C while it is kept ends the wait, not the demo."""
+
+    seconds: float = 0.0
+    waiting: bool = False
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def serve_on(self, console_url: str) -> None:
+        if self.seconds <= 0:
+            return
+        endless = math.isinf(self.seconds)
+        how_long = "until Ctrl-C" if endless else f"for {self.seconds:g} s (or until Ctrl-C)"
+        print(f"\n  the server stays up {how_long}; the call is in the web console:\n  {console_url}\n")
+        self.waiting = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), None if endless else self.seconds)
+        finally:
+            self.waiting = False
+
+
+async def run_demo_interruptible(verbose: bool = False, transfer: bool = False, keep: float = 0.0) -> int:
     """`run_demo` (with `transfer`: the keypad-and-transfer demo), stopped at once by the
     first Ctrl-C (one line, exit status 130, no traceback); further presses while it
-    stops are ignored."""
+    stops are ignored. With `keep` (seconds), the server stays up after the call for the web
+    console; a Ctrl-C then only ends that wait."""
     loop = asyncio.get_running_loop()
+    kept = Keep(keep)
     if transfer:
         from callbridge.demo_transfer import run_transfer_demo  # it imports this module
 
         demo = asyncio.ensure_future(run_transfer_demo(verbose))
     else:
-        demo = asyncio.ensure_future(run_demo(verbose))
+        demo = asyncio.ensure_future(run_demo(verbose, kept))
     interrupted = False
 
     def on_sigint() -> None:
         nonlocal interrupted
+        if kept.waiting:
+            kept.stop.set()
+            return
         if not interrupted:
             interrupted = True
             demo.cancel()
@@ -134,7 +164,7 @@ async def run_demo_interruptible(verbose: bool = False, transfer: bool = False) 
     return code
 
 
-async def run_demo(verbose: bool = False) -> int:
+async def run_demo(verbose: bool = False, keep: Keep | None = None) -> int:
     out = _Printer()
     print("callbridge demo: one offline phone call on the built-in emulators of Twilio and ElevenLabs\n")
     with tempfile.TemporaryDirectory(prefix="callbridge-demo-") as tmp:
@@ -178,7 +208,9 @@ async def run_demo(verbose: bool = False) -> int:
                     await asyncio.sleep(0.02)
                 print(f"  emulated Twilio REST API   {twilio.base_url}")
                 print(f"  emulated ElevenLabs agent  {agent.base_url}")
-                print(f"  callbridge server          {public}  (webhook /twilio/inbound)\n")
+                print(f"  callbridge server          {public}  (webhook /twilio/inbound)")
+                console_url = f"{public}/ui/#token={settings.api_token}"
+                print(f"  web console                {console_url}\n")
                 out.line(f"{CALLER} calls {CLINIC}; Twilio posts the signed webhook")
                 call = await twilio.place_inbound_call(
                     f"{public}/twilio/inbound",
@@ -207,6 +239,8 @@ async def run_demo(verbose: bool = False) -> int:
                 await asyncio.wait_for(ended.wait(), 60)
                 await call.wait_ended(10)
                 out.line(f"Twilio call status: {call.status} ({call.end_cause})")
+                if keep is not None:
+                    await keep.serve_on(console_url)
             finally:
                 server.should_exit = True  # at once, no drain: also on Ctrl-C (cancelled)
                 with contextlib.suppress(Exception):
