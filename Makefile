@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-all test-postgres lint demo demo-transfer fleet clean
+.PHONY: install test test-all test-postgres lint demo demo-transfer doctor-demo fleet clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,11 @@ demo: $(STAMP)
 fleet: $(STAMP)
 	scripts/ensure-postgres.sh
 	$(BIN)/python scripts/fleet_demo.py
+
+# The README's first real call, rehearsed on the emulators: serve, doctor (one deliberate
+# problem, then fixed), numbers connect, a call; exits 0 only if each step held.
+doctor-demo: $(STAMP)
+	$(BIN)/python scripts/doctor_demo.py
 
 # The second demo: keypad digits to the agent, then the agent hands the caller to a person.
 demo-transfer: $(STAMP)

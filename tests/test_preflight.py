@@ -379,3 +379,17 @@ async def test_calls_list_since_a_duration_lists_only_recent_calls(tmp_path: Pat
         clean_env(), "calls", "list", "--since", "1d", "--json", "--database-url", url
     )
     assert len(json.loads(out)) == 2
+
+
+@pytest.mark.slow
+def test_make_doctor_demo_rehearses_the_first_real_call() -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "doctor_demo.py"
+    result = subprocess.run(
+        [sys.executable, str(script)], env=clean_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "✗ the agent has no End call system tool" in result.stdout  # the deliberate problem, found
+    assert "✓ doctor: all good now" in result.stdout and "doctor-demo OK" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
