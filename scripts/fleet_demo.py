@@ -46,9 +46,28 @@ def free_port() -> int:
         return port
 
 
-async def serve(name: str, env: dict[str, str], port: int, log: Path) -> asyncio.subprocess.Process:
+def base_env(twilio: TwilioEmulator, agent: AgentEmulator, url: str, lease: float) -> dict[str, str]:
+    """An instance's environment: the emulators, the database, a short lease."""
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith(("TWILIO_", "ELEVENLABS_", "CALLBRIDGE_"))
+    } | {
+        "TWILIO_ACCOUNT_SID": twilio.account_sid,
+        "TWILIO_AUTH_TOKEN": twilio.auth_token,
+        "TWILIO_API_BASE_URL": twilio.base_url,
+        "ELEVENLABS_AGENT_ID": "agent_fleet_demo",
+        "ELEVENLABS_API_BASE_URL": agent.base_url,
+        "CALLBRIDGE_DATABASE_URL": url,
+        "CALLBRIDGE_API_TOKEN": TOKEN,
+        "CALLBRIDGE_INSTANCE_LEASE_SECONDS": str(lease),
+        "CALLBRIDGE_SHUTDOWN_GRACE_SECONDS": "2",
+    }
+
+
+async def serve(
+    name: str, env: dict[str, str], port: int, log: Path, quiet: bool = False, args: tuple[str, ...] = ()
+) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "callbridge.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", "callbridge.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args,
         env=env | {"CALLBRIDGE_PUBLIC_URL": f"http://127.0.0.1:{port}"},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=open(log, "ab"),  # noqa: ASYNC230 (the child owns it; a demo script)
@@ -58,7 +77,8 @@ async def serve(name: str, env: dict[str, str], port: int, log: Path) -> asyncio
             try:
                 ready = await http.get("/readyz")
                 if ready.status_code == 200:
-                    print(f"  instance {name}: {ready.json()['instance']} on :{port} (pid {proc.pid})")
+                    if not quiet:
+                        print(f"  instance {name}: {ready.json()['instance']} on :{port} (pid {proc.pid})")
                     return proc
             except httpx.HTTPError:
                 pass
@@ -112,21 +132,7 @@ async def main() -> int:
         url = pg.create_database()
         talk = AgentScript(steps=[Say("I can talk for a long time.", seconds=120.0)], realtime_factor=1.0)
         async with TwilioEmulator(answer_delay=120.0) as twilio, AgentEmulator(talk) as agent:
-            env = {
-                k: v
-                for k, v in os.environ.items()
-                if not k.startswith(("TWILIO_", "ELEVENLABS_", "CALLBRIDGE_"))
-            } | {
-                "TWILIO_ACCOUNT_SID": twilio.account_sid,
-                "TWILIO_AUTH_TOKEN": twilio.auth_token,
-                "TWILIO_API_BASE_URL": twilio.base_url,
-                "ELEVENLABS_AGENT_ID": "agent_fleet_demo",
-                "ELEVENLABS_API_BASE_URL": agent.base_url,
-                "CALLBRIDGE_DATABASE_URL": url,
-                "CALLBRIDGE_API_TOKEN": TOKEN,
-                "CALLBRIDGE_INSTANCE_LEASE_SECONDS": str(LEASE),
-                "CALLBRIDGE_SHUTDOWN_GRACE_SECONDS": "2",
-            }
+            env = base_env(twilio, agent, url, LEASE)
             port_a, port_b = free_port(), free_port()
             print("Two instances on one database:")
             a = await serve("A", env, port_a, workdir / "a.log")
