@@ -523,13 +523,13 @@ function renderCall(rec, live) {
   $("raw-json").textContent = JSON.stringify(rec, null, 2);
 }
 
-function drawTimeline(rec, live) {
-  const chart = clear($("timeline"));
-  const events = timedEvents(rec);
+// Events on their lanes, to scale between t0 and t1 (seconds from the call's start);
+// the axis in seconds (unit "s", scale 1) or milliseconds (unit "ms", scale 1000) from t0.
+function drawLanes(chart, events, t0, t1, scale, unit) {
+  clear(chart);
   const width = 1000, left = 70, right = 20, laneH = 40, top = 15;
-  const now = rec.started_at ? (Date.now() - Date.parse(rec.started_at)) / 1000 : 0;
-  const span = Math.max(1, rec.duration_s ?? 0, live ? now : 0, ...events.map((e) => e.t));
-  const x = (t) => left + ((width - left - right) * Math.max(0, t)) / span;
+  const span = Math.max(t1 - t0, 1e-6);
+  const x = (t) => left + ((width - left - right) * Math.min(Math.max(0, t - t0), span)) / span;
   LANES.forEach(([lane, label], i) => {
     const y = top + i * laneH + laneH / 2;
     chart.append(svg("line", { x1: left, y1: y, x2: width - right, y2: y, class: "axis" }));
@@ -545,29 +545,52 @@ function drawTimeline(rec, live) {
     const y = laneY.phone;
     chart.append(svg("line", { x1: x(heard.t), y1: y, x2: x(asked.t), y2: y, class: "phone latency", "stroke-width": 6 }, "hang-up latency"));
   }
-  let flip = 0;
+  const flips = {};
   for (const e of events) {
     const y = laneY[e.lane];
     const words = e.label.endsWith("speech") ? e.detail : SHORT[e.label];
     if (words) {
-      flip = (flip + 1) % 2;
-      const label = svg("text", { x: x(e.t) + 6, y: y - 8 - flip * 10, class: "ev-label" });
+      flips[e.lane] = ((flips[e.lane] || 0) + 1) % 2;
+      const at = x(e.t);
+      const anchor = at > width * 0.8 ? "end" : "start";
+      const label = svg("text", { x: at + (anchor === "end" ? -6 : 6), y: y - 8 - flips[e.lane] * 10, class: "ev-label", "text-anchor": anchor });
       label.textContent = words.length > 28 ? `${words.slice(0, 27)}…` : words;
       chart.append(label);
     }
+    const title = `${e.t.toFixed(3)} s ${e.label} ${e.what || ""} ${e.detail}`;
     const shape =
       e.lane === "end"
-        ? svg("rect", { x: x(e.t) - 3, y: y - 9, width: 6, height: 18, class: `${e.lane} ev` }, `${e.t.toFixed(2)} s ${e.label} ${e.detail}`)
-        : svg("circle", { cx: x(e.t), cy: y, r: 5, class: `${e.lane} ev` }, `${e.t.toFixed(2)} s ${e.label} ${e.detail}`);
+        ? svg("rect", { x: x(e.t) - 3, y: y - 9, width: 6, height: 18, class: `${e.lane} ev` }, title)
+        : svg("circle", { cx: x(e.t), cy: y, r: 5, class: `${e.lane} ev` }, title);
     shape.setAttribute("data-event", e.label);
     chart.append(shape);
   }
   const axisY = top + LANES.length * laneH + 5;
   for (let i = 0; i <= 4; i++) {
-    const t = (span * i) / 4;
-    const tick = svg("text", { x: x(t) - (i === 4 ? 30 : 0), y: axisY + 12 });
-    tick.textContent = `${t.toFixed(1)} s`;
+    const t = t0 + (span * i) / 4;
+    const tick = svg("text", { x: x(t) - (i === 4 ? 40 : 0), y: axisY + 12 });
+    const shown = (t - (unit === "ms" ? t0 : 0)) * scale;
+    tick.textContent = unit === "ms" ? `+${shown.toFixed(0)} ms` : `${shown.toFixed(1)} s`;
     chart.append(tick);
+  }
+}
+
+function drawTimeline(rec, live) {
+  const events = timedEvents(rec);
+  const now = rec.started_at ? (Date.now() - Date.parse(rec.started_at)) / 1000 : 0;
+  const span = Math.max(1, rec.duration_s ?? 0, live ? now : 0, ...events.map((e) => e.t));
+  drawLanes($("timeline"), events, 0, span, 1, "s");
+  // The end, zoomed: from the last goodbye mark (else the start of the ending) to the end, in ms.
+  const ending = events.find((e) => e.label === "call.ending");
+  const ended = events.find((e) => e.label === "call.ended");
+  const zoom = $("timeline-end");
+  $("timeline-end-box").hidden = !(ending && ended);
+  if (ending && ended) {
+    const heard = events.find((e) => e.label === "phone.last_mark");
+    const from = heard ? heard.t : ending.t;
+    const pad = Math.max(0.002, (ended.t - from) * 0.05);
+    const last = events.filter((e) => e.t >= from - pad && e.t <= ended.t + pad);
+    drawLanes(zoom, last, from - pad, ended.t + pad, 1000, "ms");
   }
 
   const body = clear($("events").tBodies[0]);
