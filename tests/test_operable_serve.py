@@ -176,3 +176,46 @@ async def test_first_ctrl_c_drains_and_says_so_second_ends_the_calls_at_once(
     out, _ = await listed.communicate()
     [record] = json.loads(out)
     assert record["call_sid"] == call.sid and record["end_reason"] == "shutdown"
+
+
+# -- the formatters, in process ------------------------------------------------------------------
+
+
+async def test_plain_lines_about_a_call_carry_its_sid_in_both_modes() -> None:
+    import io
+    import logging
+
+    from callbridge.logs import JsonFormatter, TextFormatter, bind_call, call_extra, log_event, set_instance
+
+    sid, other = "CA" + "7" * 32, "CA" + "8" * 32
+    logger = logging.getLogger("callbridge.test_fields")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    text_out, json_out = io.StringIO(), io.StringIO()
+    handlers = [logging.StreamHandler(text_out), logging.StreamHandler(json_out)]
+    handlers[0].setFormatter(TextFormatter())
+    handlers[1].setFormatter(JsonFormatter())
+    for h in handlers:
+        logger.addHandler(h)
+    set_instance(INSTANCE)
+    try:
+
+        async def a_call() -> None:
+            bind_call(sid)
+            logger.error("hook of call %s raised", sid)  # plain, on the call's behalf
+            log_event(logger, "call.something", detail="x")  # an event without call_sid=
+            await asyncio.create_task(asyncio.sleep(0))
+
+        await asyncio.create_task(a_call())
+        logger.error("watchdog check of %s failed", other, extra=call_extra(other))  # named explicitly
+        logger.error("not about any call")  # the task's binding did not leak here
+    finally:
+        for h in handlers:
+            logger.removeHandler(h)
+    text_lines = text_out.getvalue().splitlines()
+    json_lines = [json.loads(line) for line in json_out.getvalue().splitlines()]
+    assert [line.get("call_sid") for line in json_lines] == [sid, sid, other, None]
+    assert all(line["instance"] == INSTANCE for line in json_lines)
+    assert [f"call_sid={sid}" in text_lines[0], f"call_sid={sid}" in text_lines[1]] == [True, True]
+    assert text_lines[2].endswith(f"call_sid={other}") and "call_sid" not in text_lines[3]
+    assert all(f"[{INSTANCE}]" in line for line in text_lines)

@@ -20,6 +20,7 @@ __all__ = [
     "JsonFormatter",
     "TextFormatter",
     "bind_call",
+    "call_extra",
     "instance",
     "json_mode",
     "log_event",
@@ -30,6 +31,11 @@ _instance: str | None = None
 # The call whose task is logging: set once a call knows its SID (`Call`), inherited by every
 # task it starts, so that any line logged on a call's behalf carries `call_sid`.
 _call_sid: contextvars.ContextVar[str | None] = contextvars.ContextVar("callbridge_call_sid", default=None)
+
+
+def call_extra(call_sid: str | None) -> dict[str, Any]:
+    """`extra=` for a plain `logger.error(...)` about one call: its SID becomes a field."""
+    return {"cb_fields": {"call_sid": call_sid}} if call_sid else {}
 
 
 def bind_call(call_sid: str | None) -> None:
@@ -109,10 +115,11 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         record.cb_instance = f"[{_instance}] " if _instance is not None else ""
         text = super().format(record)
-        given = (getattr(record, "cb_fields", None) or {}).get("call_sid")
-        bound = _call_sid.get()
-        if bound and given is None:
-            # A line logged on a call's behalf without naming it as a field: add the field.
+        if getattr(record, "cb_event", None):
+            return text  # log_event wrote its fields, the call's SID among them
+        sid = (getattr(record, "cb_fields", None) or {}).get("call_sid") or _call_sid.get()
+        if sid:
+            # A plain line about a call (`call_extra`, or logged on its behalf): add the field.
             head, sep, rest = text.partition("\n")  # before a traceback, if any
-            text = f"{head} call_sid={bound}{sep}{rest}"
+            text = f"{head} call_sid={sid}{sep}{rest}"
         return text

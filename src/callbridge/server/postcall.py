@@ -31,7 +31,7 @@ from callbridge.agents.elevenlabs.conversations import (
     analysis_of,
     verify_webhook,
 )
-from callbridge.logs import log_event
+from callbridge.logs import call_extra, log_event
 from callbridge.record import CallRecord
 from callbridge.store import CallStore
 from callbridge.telephony.twilio.webhooks import CALL_SID_RE, error, read_body
@@ -79,7 +79,7 @@ class PostCall:
             log_event(log, "postcall.fetch_failed", logging.WARNING, call_sid=call_sid, error=str(exc))
             return
         except Exception:
-            log.exception("post-call fetch of %s failed", call_sid)
+            log.exception("post-call fetch of %s failed", call_sid, extra=call_extra(call_sid))
             return
         await self.store.set_analysis(call_sid, analysis_of(details, "api"))
         log_event(log, "postcall.analysis", call_sid=call_sid, source="api", status=details.get("status"))

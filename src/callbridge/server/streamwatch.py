@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from callbridge.call import EndReason
-from callbridge.logs import log_event
+from callbridge.logs import call_extra, log_event
 from callbridge.telephony.base import CallControl, CallControlError
 
 __all__ = ["END_STATUSES", "STILL_UP", "ExpectedCall", "RecordCloser", "StreamWatch"]
@@ -202,7 +202,7 @@ class StreamWatch:
         except asyncio.CancelledError:
             raise
         except Exception:  # never let one call's check die silently
-            log.exception("stream watchdog check of %s failed", call_sid)
+            log.exception("stream watchdog check of %s failed", call_sid, extra=call_extra(call_sid))
             if self._pending.get(call_sid) is entry:
                 del self._pending[call_sid]
 

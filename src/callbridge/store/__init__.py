@@ -42,7 +42,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_nev
 
 from callbridge.config import SPOOL_FILE, redact_url
 from callbridge.dberrors import DatabaseError, explain
-from callbridge.logs import log_event
+from callbridge.logs import call_extra, log_event
 from callbridge.record import CallRecord
 from callbridge.store.files import QUARANTINE_NAME, append_lines, iter_spool
 from callbridge.store.migrate import migrate as migrate_schema
@@ -519,15 +519,21 @@ class CallStore(Reads):
 
     def _quarantine(self, call_sid: str, ops: list[Op], exc: BaseException) -> None:
         lines = "".join(json.dumps(op) + "\n" for op in ops)
-        self._quarantine_line(lines, f"call {call_sid}: the database refused it ({short(exc)})")
+        self._quarantine_line(lines, f"call {call_sid}: the database refused it ({short(exc)})", call_sid)
 
-    def _quarantine_line(self, lines: str, why: str) -> None:
+    def _quarantine_line(self, lines: str, why: str, call_sid: str | None = None) -> None:
         self.quarantined += 1
         try:
             append_lines(self.quarantine_path, [line for line in lines.splitlines() if line.strip()])
-            log.error("store: %s; moved to %s", why, self.quarantine_path)
+            log.error("store: %s; moved to %s", why, self.quarantine_path, extra=call_extra(call_sid))
         except OSError as err:
-            log.critical("store: %s; and it could not be kept in %s (%r)", why, self.quarantine_path, err)
+            log.critical(
+                "store: %s; and it could not be kept in %s (%r)",
+                why,
+                self.quarantine_path,
+                err,
+                extra=call_extra(call_sid),
+            )
 
 
 async def _execute(conn: AsyncConnection, statement: Any) -> Any:
