@@ -96,6 +96,8 @@ async def create_call(request: Request) -> Response:
         return error(422, problem)
     if not state.bridge.accepting or not state.has_capacity():
         return error(503, "at capacity: try again later")
+    if state.fleet is not None and not await state.fleet.room():
+        return error(503, "the fleet is at CALLBRIDGE_FLEET_MAX_CONCURRENT_CALLS: try again later")
     ref = state.tokens.outbound_ref()
     variables = {
         name: value if isinstance(value, str) else json.dumps(value)
@@ -124,6 +126,8 @@ async def create_call(request: Request) -> Response:
         log_event(log, "twilio.create_failed", logging.ERROR, to=data["to"], error=str(exc))
         return error(502, str(exc))
     state.tokens.bind(ref, out.call_sid)
+    if state.fleet is not None:
+        await state.fleet.placed(out.call_sid)
     state.expect_stream(out.call_sid, ExpectedCall("outbound", data["from"], data["to"]))
     # The call is placed: from here on, nothing may answer 5xx (a client that retries
     # would dial the person twice). The placeholder is queued; the API shows it at once.
@@ -186,13 +190,20 @@ async def hangup_call(request: Request) -> Response:
     live = await state.bridge.hangup(call_sid)
     if live is not None:
         return JSONResponse(await state.store.get(call_sid) or live.to_dict())
+    # Held by another live instance: it ends the call through its own lifecycle.
+    reply = await state.fleet.hangup_elsewhere(call_sid) if state.fleet is not None else None
+    if reply is not None and reply.get("found"):
+        shown = await state.store.get(call_sid) or {"call_sid": call_sid}
+        shown.update(status=reply.get("status"), end_reason=reply.get("end_reason"))
+        shown["ended_by_instance"] = reply.get("instance")
+        return JSONResponse(shown)
     record = await state.store.get(call_sid)
     if record is None:
         return error(404, "no such call")
     if record["status"] == "ended":
         return error(409, "call already ended")
-    # Live on another instance (or its stream not connected yet): end it at Twilio;
-    # the instance holding it sees the stream stop and records the end.
+    # No live instance holds it (its holder is gone, or its stream has not connected):
+    # end it at Twilio; an instance holding it sees the stream stop and records the end.
     try:
         await state.control.hangup(call_sid)
     except CallControlError as exc:

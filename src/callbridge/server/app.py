@@ -10,13 +10,13 @@ lists the routes; each handler reads its state from there:
 - per-call stream tokens and capacity reservations: `server/tokens.py`;
 - streams that never connect: `server/streamwatch.py`.
 
-The lifespan opens the records, runs crash recovery in the background, and at the
+The lifespan opens the records, joins the fleet (lease, heartbeat, reconciliation of dead
+instances' calls: `server/fleet.py`), and at the
 end closes everything in order.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import hashlib
@@ -34,10 +34,10 @@ from callbridge.bridge import Bridge
 from callbridge.call import CallHooks, Tool
 from callbridge.config import Settings
 from callbridge.logs import log_event, set_instance
-from callbridge.recovery import reconcile
 from callbridge.server import amd, api, console, metrics, transfers
 from callbridge.server.accesslog import AccessLog
 from callbridge.server.api import validate_call_request
+from callbridge.server.fleet import Fleet, join
 from callbridge.server.postcall import PostCall, post_call_webhook
 from callbridge.server.state import AppState, stream_settled
 from callbridge.server.streamwatch import StreamWatch
@@ -111,6 +111,14 @@ def create_app(
             counts=bridge.stats.calls_ended,
         ),
     )
+    state.fleet = Fleet(
+        settings.instance_id,
+        store,
+        bridge,
+        control,
+        lease_seconds=settings.instance_lease_seconds,
+        fleet_cap=settings.fleet_max_concurrent_calls,
+    )
     bridge.stream_validator = state.check_stream
     state.postcall = postcall_of(settings, store)
     bridge.hooks.on_call_end.append(state.postcall.call_ended)  # after the record is saved
@@ -129,6 +137,7 @@ def create_app(
         Route("/calls/{call_sid}/hangup", token(api.hangup_call), methods=["POST"]),
         Route("/calls/{call_sid}/transfer", token(transfers.transfer_call), methods=["POST"]),
         Route("/healthz", metrics.healthz, methods=["GET"]),
+        Route("/readyz", metrics.readyz, methods=["GET"]),
         Route("/metrics", metrics.metrics, methods=["GET"]),
         *console.routes(),  # the web console under /ui/ (server/console.py)
     ]
@@ -154,38 +163,33 @@ def postcall_of(settings: Settings, store: CallStore) -> PostCall:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     state: AppState = app.state.callbridge
-    settings, store = state.settings, state.store
+    settings, store, fleet = state.settings, state.store, state.fleet
     await store.init()
-    log_event(log, "server.started", public_url=settings.public_url, max_calls=settings.max_concurrent_calls)
-    recovery = asyncio.ensure_future(recover(state))
+    if fleet is not None:
+        # The lease (a named instance's previous run is closed first), the command listener,
+        # the heartbeat that reconciles dead instances' calls (server/fleet.py).
+        await join(fleet, settings.instance_lease_seconds * 2 + 15)
+    log_event(
+        log,
+        "server.started",
+        instance=settings.instance_id,
+        public_url=settings.public_url,
+        max_calls=settings.max_concurrent_calls,
+    )
     try:
         yield
     finally:
-        recovery.cancel()
         await state.streamwatch.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await recovery
         await state.bridge.shutdown(0)
         if state.postcall is not None:
             await state.postcall.close()  # post-call fetches still asking are cancelled
+        if fleet is not None:
+            await fleet.stop()
         aclose = getattr(state.control, "aclose", None)
         if aclose is not None:
             await aclose()
         # Bounded: a hung database never holds the process past the grace period.
-        state.unwritten = await store.close(min(store.timeout, max(settings.shutdown_grace_seconds, 1.0)))
-
-
-async def recover(state: AppState) -> None:
-    """Crash recovery: close the records a crashed run of this instance left open."""
-    store = state.store
-    try:
-        # Writes spooled by an earlier run go first: a call that ended during an outage
-        # keeps its true end reason instead of being reconciled as left open.
-        if not await store.wait_written(state.settings.shutdown_grace_seconds + store.timeout):
-            log.warning("crash recovery waits: spooled call records are not written yet")
-            await store.wait_written(float("inf"))
-        await reconcile(store, state.control, state.settings.instance_id)
-    except Exception:
-        log.exception("crash recovery failed")
-    finally:
-        state.reconciled.set()
+        budget = min(store.timeout, max(settings.shutdown_grace_seconds, 1.0))
+        if fleet is not None:
+            await fleet.release(await store.wait_written(budget / 2))
+        state.unwritten = await store.close(budget / 2 if fleet is not None else budget)
