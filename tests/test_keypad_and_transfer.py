@@ -263,6 +263,16 @@ async def test_a_destination_not_allowed_is_refused_and_the_call_goes_on(
     assert why in events(out.record, "transfer.refused")[0]["why"]
 
 
+async def test_a_second_transfer_while_one_is_under_way_is_refused(twilio: TwilioEmulator) -> None:
+    script = transfer_script(DESK, after=[ClientToolCall("transfer_call", {"to": "+15550004444"}), Sleep(5)])
+    options = CallOptions(transfer_allow=parse_allow_list("+1555000*"))
+    out = await one_call(twilio, script, options)
+    first, second = out.conv.tool_results
+    assert first["is_error"] is False
+    assert second["is_error"] is True and f"a transfer to {DESK} is already under way" in second["result"]
+    assert out.record.end_reason == "transferred" and [d.target for d in out.call.dials] == [DESK]
+
+
 async def test_a_failing_redirect_is_retried_then_the_call_ends_saying_why(twilio: TwilioEmulator) -> None:
     for _ in range(4):
         twilio.inject_fault("update", status=503, code=20503)

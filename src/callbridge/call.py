@@ -300,7 +300,7 @@ class Call:
         gone meanwhile, or the redirect failed after its retries (the call then ends
         `telephony_error`, hung up, or `caller_hung_up`). The allow-list is not checked
         here: your code decides (the agent's tool and the HTTP API are checked)."""
-        self._reserve_transfer()
+        self._reserve_transfer(to.describe() if isinstance(to, Destination) else to)
         await self._hand_over(to, detail=detail, reason=reason, by=by)
 
     async def send_user_message(self, text: str) -> bool:
@@ -756,7 +756,7 @@ class Call:
         reason = reason[:200] if isinstance(reason, str) else ""
         try:
             destination = check_destination(to, self.options.transfer_allow)
-            self._reserve_transfer()
+            self._reserve_transfer(destination)
         except (TransferRefused, CallControlError) as exc:
             shown = to[:100] if isinstance(to, str) else repr(to)[:100]
             self._mark("transfer.refused", to=shown, why=str(exc))
@@ -764,17 +764,16 @@ class Call:
                 log, "transfer.refused", logging.WARNING, call_sid=self.call_sid, to=shown, why=str(exc)
             )
             return f"transfer refused: {exc}", True, None
-        self._transfer = "accepted"
         return json.dumps({"transferring_to": destination}), False, (destination, reason)
 
-    def _reserve_transfer(self) -> None:
+    def _reserve_transfer(self, where: str) -> None:
         if self.call_sid is None or self.control is None:
             raise CallControlError("the call cannot be transferred: no call control")
         if self.end_reason is not None:
             raise CallControlError(f"the call is already ending ({self.end_reason.value})")
         if self._transfer is not None:
             raise CallControlError(f"a transfer to {self._transfer_to} is already under way")
-        self._transfer = "accepted"
+        self._transfer, self._transfer_to = "accepted", where
 
     def _caller_id(self) -> str | None:
         """What the person sees: the setting, else the call's own number (its From: the
