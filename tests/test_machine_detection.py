@@ -202,3 +202,27 @@ async def test_machine_on_a_call_whose_stream_never_connected_is_closed_then_hun
             await call.wait_ended(5)
     assert record["end_reason"] == "voicemail" and record["answered_by"] == "machine_end_other"
     assert call.end_cause == "rest_completed" and agent.conversations == []
+
+
+async def test_a_verdict_reaching_another_instance_is_recorded_and_hung_up_by_the_holder(
+    twilio: TwilioEmulator, pg_url: str
+) -> None:
+    # Behind a load balancer the verdict may reach an instance that does not hold the call.
+    async with (
+        AgentEmulator(talkative()) as agent,
+        running_server(settings_for(twilio, agent, pg_url, instance_id="a")) as a,
+        running_server(settings_for(twilio, agent, pg_url, instance_id="b")) as b,
+    ):
+        sid = await place(a, "hangup")  # the emulator's own verdict (human) goes to a
+        await wait_until(lambda: bool(twilio.machine_detection.callbacks), 10, "the verdict was sent")
+        url = f"{b.url}/twilio/amd?mode=hangup"
+        form = {"AccountSid": twilio.account_sid, "CallSid": sid, "AnsweredBy": "machine_end_beep"}
+        resp = await b.api.post(
+            url, data=form, headers={"X-Twilio-Signature": twilio_signature(twilio.auth_token, url, form)}
+        )
+        await a.wait_records(1)
+        record = await ended_record(b, sid)
+        await twilio.calls[sid].wait_ended(5)
+    assert resp.status_code == 204
+    assert a.records[0].end_reason == "hangup_requested" and b.records == []
+    assert record["answered_by"] == "machine_end_beep" and twilio.calls[sid].status == "completed"

@@ -77,6 +77,10 @@ async def amd_callback(request: Request) -> Response:
     if mode not in ("hangup", "agent"):
         return error(400, "mode must be hangup or agent")
     call = state.bridge.find(call_sid)
+    if call is None and state.fleet is not None:
+        holder = await state.fleet.holder(call_sid)
+        if holder is not None:
+            return await _held_elsewhere(state, call_sid, answered_by, mode, holder)
     record: dict[str, Any] | None = None
     if call is None:
         record = await state.store.get(call_sid)  # StoreUnavailable: 503 (app-wide handler)
@@ -109,4 +113,25 @@ async def amd_callback(request: Request) -> Response:
         await state.store.close_record(call_sid, EndReason.VOICEMAIL.value, detail)
         with contextlib.suppress(CallControlError):
             await state.control.hangup(call_sid)
+    return Response(status_code=204)
+
+
+async def _held_elsewhere(
+    state: AppState, call_sid: str, answered_by: str, mode: str, holder: str
+) -> Response:
+    """The verdict reached another instance than the one holding the call (behind a load
+    balancer): the verdict is recorded; a machine to hang up is hung up by its holder
+    (through the fleet's hang-up command, so that instance's record says
+    `hangup_requested`). The agent of a call held elsewhere cannot be told yet."""
+    assert state.fleet is not None
+    await state.store.set_answered_by(call_sid, answered_by)
+    log_event(log, "amd.result", call_sid=call_sid, answered_by=answered_by, mode=mode, holder=holder)
+    if answered_by in HUMAN:
+        return Response(status_code=204)
+    if mode == "agent" and answered_by in MACHINE:
+        log_event(log, "amd.agent_elsewhere", logging.WARNING, call_sid=call_sid, holder=holder)
+        return Response(status_code=204)
+    reply = await state.fleet.hangup_elsewhere(call_sid)
+    ended = reply.get("end_reason") if reply else None
+    log_event(log, "amd.hung_up_elsewhere", call_sid=call_sid, holder=holder, end_reason=ended)
     return Response(status_code=204)
