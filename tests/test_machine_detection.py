@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
+from asyncio.subprocess import PIPE
 from typing import Any
 
 import pytest
@@ -13,7 +16,9 @@ from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall,
 from callbridge.emulators.twilio import TwilioEmulator, twilio_signature
 from callbridge.server.amd import VOICEMAIL_UPDATE
 from tests.serverkit import (
+    API_TOKEN,
     RunningServer,
+    clean_env,
     running_server,
     settings_for,
     short_script,
@@ -226,3 +231,24 @@ async def test_a_verdict_reaching_another_instance_is_recorded_and_hung_up_by_th
     assert resp.status_code == 204
     assert a.records[0].end_reason == "hangup_requested" and b.records == []
     assert record["answered_by"] == "machine_end_beep" and twilio.calls[sid].status == "completed"
+
+
+@pytest.mark.database
+async def test_callbridge_call_asks_for_detection(twilio: TwilioEmulator, db_url: str) -> None:
+    async with AgentEmulator(talkative()) as agent:
+        async with running_server(settings_for(twilio, agent, db_url)) as srv:
+            env = {**clean_env(), "CALLBRIDGE_API_TOKEN": API_TOKEN}
+            argv = ["call", TO, "--from", FROM, "--machine-detection", "agent", "--server", srv.url]
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "callbridge.cli", *argv, env=env, stdout=PIPE, stderr=PIPE
+            )
+            out, err = await proc.communicate()
+            bad = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "callbridge.cli", *argv[:-3], "maybe", env=env, stdout=PIPE, stderr=PIPE
+            )
+            _, bad_err = await bad.communicate()
+            sid = out.decode().rsplit(" ", 1)[-1].strip()
+            await srv.api.post(f"/calls/{sid}/hangup")
+    assert proc.returncode == 0, err.decode()
+    assert create_form(twilio)["AsyncAmdStatusCallback"] == f"{srv.url}/twilio/amd?mode=agent"
+    assert bad.returncode == 2 and b"invalid choice: 'maybe'" in bad_err
