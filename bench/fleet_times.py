@@ -32,7 +32,7 @@ from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, Say  # n
 from callbridge.emulators.twilio import TwilioEmulator  # noqa: E402
 from tests.pgserver import PostgresServer, find_bindir  # noqa: E402
 
-LEASE = 3.0
+LEASE = 3.0  # heartbeat every 0.5 s, expiry 2 s after a renewal
 
 
 def summary(name: str, values: list[float], unit: str = "s") -> None:
@@ -128,7 +128,7 @@ async def main(trials: int) -> None:
                     await stop(proc)
     finally:
         pg.close()
-    print(f"lease {LEASE:g} s, heartbeat every {LEASE / 3:g} s; {trials} trials; logs in {logs}")
+    print(f"lease {LEASE:g} s (heartbeat {LEASE / 6:g} s, expiry {LEASE * 2 / 3:g} s); {trials} trials; logs in {logs}")
     summary("killed instance -> its call closed by another (same host)", killed)
     summary("hung instance (SIGSTOP) -> its call closed", paused)
     summary("hang-up on the holder (HTTP round trip)", local_ms, "ms")

@@ -171,6 +171,7 @@ async def test_killed_instance_calls_are_closed_by_a_survivor_and_a_restart_leav
         assert record["end_reason"] == "instance_lost", record
         assert "ringing: hung up" in record["end_detail"]
         assert twilio.calls[ringing].status == "canceled"
+        # (bench/fleet_times.py measures how soon; here only that nobody waited for the lease)
         assert asyncio.get_running_loop().time() - killed_at < LEASE * 2
 
         # A new instance starts; B's live call goes on.
@@ -191,7 +192,9 @@ async def test_killed_instance_calls_are_closed_by_a_survivor_and_a_restart_leav
 
         await wait_until_async(closed_c, LEASE * 3, "C's call closed after its lease expired")
         waited = asyncio.get_running_loop().time() - stopped_at
-        assert waited >= LEASE * 0.9, waited  # not before its lease expired: its process lives
+        # Not before its lease expired: its process lives (expiry is at least 2L/3 - L/6 after
+        # the stop; how soon after is measured by bench/fleet_times.py, not asserted here).
+        assert waited >= LEASE / 2 * 0.9, waited
         assert (await record_of(port_b, ringing_c))["end_reason"] == "instance_lost"
         assert twilio.calls[ringing_c].status == "canceled"
         c.send_signal(signal.SIGCONT)

@@ -2,8 +2,9 @@
 commands delivered to the instance that holds a call.
 
 - **Identity.** Every process is an instance with its own id (`host-pid-xxxx` unless the
-  operator names it) and a lease row in `instances`, renewed every third of
-  `CALLBRIDGE_INSTANCE_LEASE_SECONDS`. A clean stop removes the row.
+  operator names it) and a lease row in `instances`, renewed every sixth of
+  `CALLBRIDGE_INSTANCE_LEASE_SECONDS` (L) and expiring 2L/3 after its last renewal, so
+  that a dead instance is found within L. A clean stop removes the row.
 - **Dead instances.** On each heartbeat an instance looks for runs whose lease expired
   (or whose process is gone from this very host: a crashed worker, this instance's own
   previous run) and *claims* each with one conditional UPDATE, so exactly one live
@@ -133,6 +134,12 @@ class Fleet:
         self.bridge = bridge
         self.control = control
         self.lease_s = lease_seconds
+        # Timing, so that a dead instance is found within one lease period L: a lease is
+        # renewed every L/6 and expires 2L/3 after its last renewal (three missed heartbeats
+        # are tolerated); a survivor's next heartbeat after the expiry finds it: at most
+        # 2L/3 + L/6 = 5L/6 after the death.
+        self.heartbeat_s = lease_seconds / 6
+        self.expiry_s = lease_seconds * 2 / 3
         self.fleet_cap = fleet_cap
         self.tables = FleetTables(store.engine, timeout=min(store.timeout, max(lease_seconds / 3, 0.5)))
         self.postgres = self.tables.postgres
@@ -221,7 +228,7 @@ class Fleet:
         seen: Lease | None = None
         while True:
             held = await self.tables.register(
-                self.instance_id, self.run_id, self.host, self.pid, self.lease_s
+                self.instance_id, self.run_id, self.host, self.pid, self.expiry_s
             )
             if held is None:
                 break
@@ -231,7 +238,7 @@ class Fleet:
                 # This id's previous run: close its calls as any instance would, then go on.
                 cutoff = await self.tables.claim(held, self.instance_id, expired_only=not gone_here)
                 if cutoff is not None and await self.tables.take_over(
-                    self.instance_id, held.run_id, self.run_id, self.host, self.pid, self.lease_s
+                    self.instance_id, held.run_id, self.run_id, self.host, self.pid, self.expiry_s
                 ):
                     self._spawn(self._reconcile_run(held, cutoff, previous_run=True))
                     break
@@ -274,7 +281,7 @@ class Fleet:
     # -- the heartbeat ---------------------------------------------------------------
 
     async def _beat(self) -> None:
-        interval = self.lease_s / 3
+        interval = self.heartbeat_s
         while not self._closed:
             await self.beat_once()
             self.wake.clear()
@@ -287,8 +294,8 @@ class Fleet:
             await self._renew()
         except Exception as exc:
             self._healthy_since = None
-            if time.monotonic() - self._renewed > self.lease_s * 2 / 3:
-                self.lease_ok = False
+            if time.monotonic() - self._renewed > self.expiry_s / 2:
+                self.lease_ok = False  # two heartbeats missed: /readyz says so before it expires
             log_event(log, "fleet.renew_failed", logging.WARNING, instance=self.instance_id, error=str(exc))
             return
         if self._healthy_since is None:
@@ -307,7 +314,7 @@ class Fleet:
 
     async def _renew(self) -> None:
         ok = await self.tables.renew(
-            self.instance_id, self.run_id, self.lease_s, self.bridge.live_calls, not self.bridge.accepting
+            self.instance_id, self.run_id, self.expiry_s, self.bridge.live_calls, not self.bridge.accepting
         )
         if ok:
             self.lease_ok = True
@@ -333,7 +340,7 @@ class Fleet:
         now, leases = await self.tables.leases()
         # Expired leases are judged only by an instance that has itself renewed without a gap for
         # a lease period (a process gone from this host is certain at once).
-        healthy = self._healthy_since is not None and time.monotonic() - self._healthy_since >= self.lease_s
+        healthy = self._healthy_since is not None and time.monotonic() - self._healthy_since >= self.expiry_s
         live_ids = {
             lease.instance_id for lease in leases if lease.expires_at >= now and lease.reconciled_by is None
         }
