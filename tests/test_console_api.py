@@ -78,6 +78,12 @@ async def test_live_feed_needs_the_token_in_its_first_message(twilio: TwilioEmul
         running_server(settings_for(twilio, agent, db_url)) as srv,
     ):
         async with connect(ws_url(srv)) as ws:
+            await ws.send(API_TOKEN.encode())  # a binary frame is no token message
+            assert await receive(ws) == {"type": "error", "error": "missing or wrong token"}
+            with pytest.raises(ConnectionClosed):
+                await receive(ws)
+            assert ws.close_code == 1008
+        async with connect(ws_url(srv)) as ws:
             await ws.send(json.dumps({"token": "wrong"}))
             assert await receive(ws) == {"type": "error", "error": "missing or wrong token"}
             with pytest.raises(ConnectionClosed):
@@ -140,6 +146,8 @@ async def test_live_feed_batches_every_call_into_one_message_per_interval(
             assert [line["text"] for line in detail["transcript"]] == ["I can talk for a long time."]
             assert [e["event"] for e in detail["timeline"]][:2] == ["call.started", "agent.connected"]
             await ws.send("not json")
+            assert (await receive(ws))["type"] == "error"
+            await ws.send(b"\x00binary")
             assert (await receive(ws))["type"] == "error"
             # A call hung up leaves the list with its end reason.
             assert (await srv.api.post(f"/calls/{calls[0].sid}/hangup")).status_code == 200

@@ -244,10 +244,10 @@ class Subscriber:
     async def listen(self) -> None:
         """The console's requests: `{"watch": "CA..."}` or `{"watch": null}`."""
         while True:
-            text = await self.ws.receive_text()
+            text = await receive_text(self.ws)
             try:
-                request = json.loads(text)
-            except ValueError:
+                request = json.loads(text) if text is not None else None
+            except (ValueError, RecursionError):
                 request = None
             if not isinstance(request, dict) or "watch" not in request:
                 await self.send({"type": "error", "error": 'expected {"watch": "<call SID>" | null}'})
@@ -259,6 +259,15 @@ class Subscriber:
                 self.watch = Watch(sid)
             else:
                 await self.send({"type": "error", "error": "watch: not a call SID"})
+
+
+async def receive_text(ws: WebSocket) -> str | None:
+    """The next text message (None for a binary one); `WebSocketDisconnect` when closed."""
+    message = await ws.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    text = message.get("text")
+    return text if isinstance(text, str) else None
 
 
 def token_ok(given: Any, expected: str) -> bool:
@@ -277,8 +286,9 @@ async def live(ws: WebSocket) -> None:
             return
         try:
             async with asyncio.timeout(TOKEN_WAIT_S):
-                first = json.loads(await ws.receive_text())
-        except (TimeoutError, ValueError):
+                text = await receive_text(ws)
+            first = json.loads(text) if text is not None else None
+        except (TimeoutError, ValueError, RecursionError):
             first = None
         if not isinstance(first, dict) or not token_ok(first.get("token"), expected):
             log_event(log, "console.refused", logging.WARNING, client=ws.client.host if ws.client else None)

@@ -16,6 +16,7 @@ const state = {
   nextOffset: null,
   call: null, // the record shown on the call page
   watching: null,
+  notLiveHere: null, // the call SID this server last said was not live here
 };
 
 const $ = (id) => document.getElementById(id);
@@ -218,7 +219,14 @@ function watch(sid) {
 }
 
 function applyUpdate(msg) {
-  for (const call of msg.calls || []) state.live.set(call.call_sid, call);
+  for (const call of msg.calls || []) {
+    state.live.set(call.call_sid, call);
+    // The call on screen went live here (e.g. a page opened before the feed listed it).
+    if (state.call && state.call.call_sid === call.call_sid && state.watching !== call.call_sid && !call.end_reason) {
+      state.notLiveHere = null;
+      watch(call.call_sid);
+    }
+  }
   for (const gone of msg.ended || []) state.live.delete(gone.call_sid);
   if ((msg.calls || []).length || (msg.ended || []).length) {
     renderLive();
@@ -236,7 +244,8 @@ function applyUpdate(msg) {
       });
       renderCall(rec, true);
     } else {
-      // Over: the stored record has the end reason, the hang-up and the metrics.
+      // Not live here (over, or held by another process): the stored record says the rest.
+      state.notLiveHere = w.call_sid;
       loadCall(w.call_sid);
     }
   }
@@ -406,7 +415,8 @@ async function loadCall(sid) {
   if (location.hash !== `#/call/${encodeURIComponent(sid)}`) return; // moved on meanwhile
   const live = record.status === "active" && state.live.has(sid);
   state.call = record;
-  watch(record.status === "active" ? sid : null);
+  // Followed live while the records say it is, unless this server just said it is not here.
+  watch(record.status === "active" && (state.notLiveHere !== sid || live) ? sid : null);
   renderCall(record, live);
 }
 
