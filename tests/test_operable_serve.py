@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -219,3 +220,25 @@ async def test_plain_lines_about_a_call_carry_its_sid_in_both_modes() -> None:
     assert [f"call_sid={sid}" in text_lines[0], f"call_sid={sid}" in text_lines[1]] == [True, True]
     assert text_lines[2].endswith(f"call_sid={other}") and "call_sid" not in text_lines[3]
     assert all(f"[{INSTANCE}]" in line for line in text_lines)
+
+
+async def test_a_connection_lost_before_anyone_awaits_its_handshake_logs_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Ctrl-C that cancels the agent's connect inside create_connection leaves a handshake
+    nobody awaits; its failure must not come out as asyncio's 'Future exception was never
+    retrieved' (the demo's one-line interruption got four lines under load)."""
+    import gc
+
+    from websockets.client import ClientProtocol
+    from websockets.uri import parse_uri
+
+    from callbridge.wsclient import AgentSocket
+
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    conn = AgentSocket(ClientProtocol(parse_uri("ws://127.0.0.1:9/")), 1.0, None, None)
+    conn.connection_lost(None)  # the transport closed by the cancelled create_connection
+    await asyncio.sleep(0)  # done callbacks run
+    del conn
+    gc.collect()
+    assert "never retrieved" not in caplog.text

@@ -72,6 +72,11 @@ def _text_frame(payload: bytes) -> bytes:
     return head + key + apply_mask(payload, key)
 
 
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class AgentSocket(asyncio.Protocol):
     """One client WebSocket connection. Created by :func:`connect`."""
 
@@ -93,6 +98,10 @@ class AgentSocket(asyncio.Protocol):
         self._fragment_op: Opcode | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._handshake: asyncio.Future[None] = self._loop.create_future()
+        # A connect cancelled before it awaits the handshake (a Ctrl-C during
+        # create_connection) leaves nobody to read its failure: read it here, so asyncio
+        # does not log "Future exception was never retrieved".
+        self._handshake.add_done_callback(_retrieve)
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._reading_paused = False
         self._drain: asyncio.Future[None] | None = None
