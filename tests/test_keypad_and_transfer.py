@@ -399,6 +399,24 @@ async def test_transfer_through_the_api(twilio: TwilioEmulator, db_url: str) -> 
     assert again.status_code == 409
 
 
+@pytest.mark.database
+async def test_api_transfer_whose_redirect_fails_answers_502(twilio: TwilioEmulator, db_url: str) -> None:
+    script = AgentScript(steps=[Say("Hello.", seconds=0.3), Sleep(20)], realtime_factor=FAST)
+    async with AgentEmulator(script) as agent:
+        settings = settings_for(twilio, agent, db_url, transfer_allow=parse_allow_list(DESK))
+        async with running_server(settings) as srv:
+            call = await twilio.place_inbound_call(f"{srv.url}/twilio/inbound", from_=CALLER, to=OURS)
+            await agent_speaking(call)
+            for _ in range(4):
+                twilio.inject_fault("update", status=500)
+            resp = await srv.api.post(f"/calls/{call.sid}/transfer", json={"to": DESK})
+            await srv.wait_records(1)
+            record = await srv.call_record(call.sid)
+    assert resp.status_code == 502 and "HTTP 500" in resp.json()["error"]
+    assert record["end_reason"] == "telephony_error"
+    assert f"transfer to {DESK} failed" in record["end_detail"]
+
+
 # -- settings and the allow-list ----------------------------------------------------------------
 
 BASE_ENV = {
