@@ -150,6 +150,8 @@ async def test_overrides_the_agent_does_not_allow(
         ({"elevenlabs_api_key": "xi-wrong"}, "elevenlabs.agent", "HTTP 401"),
         ({"elevenlabs_agent_id": "agent_nosuch"}, "elevenlabs.agent", "no agent agent_nosuch"),
         ({"twilio_auth_token": "wrong-token"}, "twilio.credentials", "TWILIO_AUTH_TOKEN"),
+        ({"elevenlabs_api_base_url": "http://127.0.0.1:9"}, "elevenlabs.agent", "cannot reach"),
+        ({"twilio_api_base_url": "http://127.0.0.1:9"}, "twilio.credentials", "cannot reach"),
     ],
 )
 async def test_wrong_credentials_and_ids(
@@ -393,3 +395,17 @@ def test_make_doctor_demo_rehearses_the_first_real_call() -> None:
     assert "✗ the agent has no End call system tool" in result.stdout  # the deliberate problem, found
     assert "✓ doctor: all good now" in result.stdout and "doctor-demo OK" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+async def test_without_an_api_key_the_agent_is_not_read_and_doctor_says_why(
+    twilio: TwilioEmulator, agent: AgentEmulator, tmp_path: Path
+) -> None:
+    agent.agents.add(AGENT_ID)
+    async with running_server(doctor_settings(twilio, agent, tmp_path)) as srv:
+        connect_here(twilio, srv.settings)
+        checks = await run_doctor(replace(srv.settings, elevenlabs_api_key=None))
+    elevenlabs = [c for c in checks if c.name.startswith("elevenlabs.")]
+    assert [(c.name, c.status) for c in elevenlabs] == [("elevenlabs.agent", "warn")]
+    assert "ELEVENLABS_API_KEY" in elevenlabs[0].message
+    assert agent.agents.requests == []  # nothing asked without a key
+    assert failed(checks) == []
