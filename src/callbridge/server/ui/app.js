@@ -289,6 +289,11 @@ function tickDurations() {
   for (const cell of document.querySelectorAll("#live-calls td.duration")) {
     cell.textContent = liveDuration(cell.dataset.started);
   }
+  const rec = state.call;
+  if (rec && rec.status === "active" && rec.started_at && !$("call").hidden) {
+    const cell = document.querySelector("dd[data-fact='duration']");
+    if (cell) cell.textContent = `${((Date.now() - Date.parse(rec.started_at)) / 1000).toFixed(1)} s`;
+  }
 }
 
 async function hangup(sid, button) {
