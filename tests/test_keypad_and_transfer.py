@@ -138,6 +138,26 @@ async def test_digits_without_hash_go_after_the_gap_in_separate_entries(twilio: 
     assert [e["ended_by"] for e in events(out.record, "dtmf.to_agent")] == ["gap", "gap"]
 
 
+async def test_digits_keyed_in_while_the_agent_connects_reach_it_once_ready(twilio: TwilioEmulator) -> None:
+    script = AgentScript(
+        steps=[WaitForUserMessage(timeout=10), EndCall("Thanks, bye.", seconds=0.1, close_delay=0.05)],
+        realtime_factor=FAST,
+        metadata_delay=1.0,  # the agent takes a second to answer the connection
+    )
+
+    async def keys(call: EmulatedCall, agent: AgentEmulator) -> None:
+        await call.wait_stream(5)
+        await press(call, "55#")
+
+    out = await one_call(twilio, script, CallOptions(), keys)
+    assert out.conv.user_messages() == ["The caller pressed 5 5 #"]
+    [entry] = events(out.record, "dtmf.to_agent")
+    connected = events(out.record, "agent.connected")[0]
+    assert entry["sent"] is True and entry["t"] >= connected["t"]
+    assert events(out.record, "caller.dtmf")[0]["t"] < connected["t"]  # pressed before it was ready
+    assert out.record.end_reason == "agent_ended"
+
+
 async def test_keypad_to_agent_off_keeps_the_digits_in_the_record_only(twilio: TwilioEmulator) -> None:
     script = AgentScript(
         steps=[Say("Hi.", seconds=0.2), Sleep(1.0), EndCall("Bye.", seconds=0.1, close_delay=0.05)],

@@ -210,6 +210,7 @@ class Call:
         self._transfer_to: str | None = None
         self._stop_during_redirect = False
         self._redirect_done = asyncio.Event()
+        self._keypad_backlog: list[KeypadEntry] = []  # entries finished before the agent was ready
         self.metrics: dict[str, Any] = {
             "agent_connect_ms": None,
             "hangup_latency_ms": None,
@@ -502,6 +503,9 @@ class Call:
         if self.options.agent_idle_timeout:
             self._after(self.options.agent_idle_timeout, self._agent_idle_check)
         self._spawn(self._read_agent(), "agent-reader", EndReason.AGENT_ERROR)
+        backlog, self._keypad_backlog = self._keypad_backlog, []
+        for entry in backlog:
+            self._on_keypad_entry(entry)
 
     # -- caller side ---------------------------------------------------------
 
@@ -885,6 +889,10 @@ class Call:
     def _on_keypad_entry(self, entry: KeypadEntry) -> None:
         if not self.options.dtmf_to_agent:
             return
+        if self.state is CallState.CONNECTING and self.end_reason is None and self._transfer is None:
+            # Keyed in while the agent connects: sent once it is ready.
+            self._keypad_backlog.append(entry)
+            return
         agent = self.agent
         sent = agent is not None and agent.is_open and self._forward_caller and self.end_reason is None
         self._mark("dtmf.to_agent", digits=entry.digits, ended_by=entry.ended_by, sent=sent)
@@ -942,7 +950,7 @@ class Call:
         )
         for timer in self._timers:
             timer.cancel()
-        left = self._keypad.close()
+        left = "".join(e.digits for e in self._keypad_backlog) + self._keypad.close()
         if left:
             self._mark("dtmf.unsent", digits=left)
         if self._silence_timer is not None:
