@@ -240,11 +240,17 @@ async def test_a_killed_worker_is_replaced_and_its_calls_reconciled(
         assert twilio.calls[ringing].status == "canceled"
         pids_after = {r[0] for r in await query(pg_url, "SELECT pid FROM instances")}
         assert len(pids_after - pids_before) == 1
+        # A live call on a worker when SIGTERM arrives: drained (1 s grace), then ended.
+        live = await twilio.place_inbound_call(f"http://127.0.0.1:{port}/twilio/inbound")
+        await agent.wait_for_conversations(1, timeout=10)
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 40)
     assert proc.returncode == 0, log.read_text()[-2000:]
     assert await query(pg_url, "SELECT instance_id FROM instances") == []  # both workers left cleanly
+    rows = await query(pg_url, f"SELECT end_reason, end_detail FROM calls WHERE call_sid = '{live.sid}'")
+    assert rows[0][0] == "shutdown" and "grace" in rows[0][1], rows
+    assert twilio.calls[live.sid].status == "completed"
 
 
 # -- servers in this process ----------------------------------------------------------------
