@@ -96,6 +96,14 @@ def create_app(
     token_key = hmac.new(
         settings.twilio_auth_token.encode(), b"callbridge-stream-token", hashlib.sha256
     ).digest()
+    fleet = Fleet(
+        settings.instance_id,
+        store,
+        bridge,
+        control,
+        lease_seconds=settings.instance_lease_seconds,
+        fleet_cap=settings.fleet_max_concurrent_calls,
+    )
     state = AppState(
         settings=settings,
         bridge=bridge,
@@ -107,17 +115,10 @@ def create_app(
             control,
             store,
             settings.stream_connect_timeout,
-            functools.partial(stream_settled, store),
+            functools.partial(stream_settled, store, fleet),
             counts=bridge.stats.calls_ended,
         ),
-    )
-    state.fleet = Fleet(
-        settings.instance_id,
-        store,
-        bridge,
-        control,
-        lease_seconds=settings.instance_lease_seconds,
-        fleet_cap=settings.fleet_max_concurrent_calls,
+        fleet=fleet,
     )
     bridge.stream_validator = state.check_stream
     state.postcall = postcall_of(settings, store)

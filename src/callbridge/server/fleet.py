@@ -583,6 +583,16 @@ class Fleet:
                 f"status callback: {status} (received by {message.get('from')})", after=STREAM_FIRST_SECONDS
             )
 
+    async def stream_taken(self, call_sid: str) -> bool:
+        """Whether the call's stream started on some instance (False on any doubt)."""
+        if not self.postgres:
+            return False
+        try:
+            return await self.tables.stream_taken(call_sid)
+        except Exception as exc:
+            log_event(log, "fleet.owner_unknown", logging.WARNING, call_sid=call_sid, error=str(exc))
+            return False
+
     async def holder(self, call_sid: str) -> str | None:
         """Another live instance that holds `call_sid`, if any (None on any doubt)."""
         if not self.postgres:

@@ -132,8 +132,11 @@ class AppState:
             self.fleet.call_ended(record.call_sid)
 
 
-async def stream_settled(store: CallStore, call_sid: str) -> bool:
-    """Whether another worker or instance took the call's stream (it has written its
-    record, with its stream SID) or the record is already ended: `StreamWatch`'s check."""
+async def stream_settled(store: CallStore, fleet: Fleet | None, call_sid: str) -> bool:
+    """Whether another worker or instance took the call's stream (the fleet says so, or it
+    has written its record, with its stream SID) or the record is already ended:
+    `StreamWatch`'s check."""
+    if fleet is not None and await fleet.stream_taken(call_sid):
+        return True
     record = await store.get(call_sid)
     return record is not None and (bool(record.get("stream_sid")) or record.get("status") == "ended")

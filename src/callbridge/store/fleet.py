@@ -345,6 +345,15 @@ class FleetTables:
 
         return await self._tx(work)
 
+    async def stream_taken(self, call_sid: str) -> bool:
+        """Whether a stream of `call_sid` passed its token check on some instance."""
+
+        async def work(conn: AsyncConnection) -> bool:
+            q = select(FLEET_CALLS.c.stream_used).where(FLEET_CALLS.c.call_sid == call_sid)
+            return bool((await conn.execute(q)).scalar())
+
+        return await self._tx(work)
+
     async def ended(self, call_sids: list[str]) -> None:
         async def work(conn: AsyncConnection) -> None:
             now = await self._now(conn)
