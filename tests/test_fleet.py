@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 
 from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, Say
 from callbridge.emulators.twilio import TwilioEmulator, twilio_signature
+from callbridge.transfer import parse_allow_list
 from tests.pgserver import PostgresServer
 from tests.serverkit import (
     API_TOKEN,
@@ -442,3 +443,28 @@ async def test_a_database_outage_longer_than_a_lease_hangs_up_nobody(
         assert twilio.calls[on_b.sid].status == "in-progress"
         assert a.state.bridge.find(on_a.sid) is not None and b.state.bridge.find(on_b.sid) is not None
         assert a.state.fleet.reconciled_runs == 0 and b.state.fleet.reconciled_runs == 0
+
+
+async def test_a_transfer_through_another_instance_runs_on_the_holder(pg_url: str) -> None:
+    desk = "+15550003333"
+    allow = {"transfer_allow": parse_allow_list("+1555000*")}
+    async with (
+        TwilioEmulator() as twilio,
+        AgentEmulator(talkative()) as agent,
+        running_server(settings_for(twilio, agent, pg_url, instance_id="a", **allow)) as a,
+        running_server(settings_for(twilio, agent, pg_url, instance_id="b", **allow)) as b,
+    ):
+        call = await twilio.place_inbound_call(f"{a.url}/twilio/inbound")
+        await agent.wait_for_conversations(1, timeout=10)
+        refused = await b.api.post(f"/calls/{call.sid}/transfer", json={"to": "+19005550000"})
+        assert refused.status_code == 403  # the allow-list is checked where the request lands
+        resp = await b.api.post(f"/calls/{call.sid}/transfer", json={"to": desk, "reason": "a person"})
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["end_reason"] == "transferred" and body["ended_by_instance"] == "a"
+        assert desk in body["end_detail"]
+        await a.wait_records(1)
+        assert a.records[0].end_reason == "transferred"
+        await wait_until(lambda: bool(twilio.calls[call.sid].dials), 10, "Twilio dialled the desk")
+        assert [d.target for d in twilio.calls[call.sid].dials] == [desk]
+        assert b.records == []

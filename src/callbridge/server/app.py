@@ -121,6 +121,7 @@ def create_app(
         fleet=fleet,
     )
     bridge.stream_validator = state.check_stream
+    fleet.handlers["transfer"] = functools.partial(transfers.fleet_transfer, state)
     state.postcall = postcall_of(settings, store)
     bridge.hooks.on_call_end.append(state.postcall.call_ended)  # after the record is saved
     state.registry.register(metrics.BridgeCollector(state))

@@ -39,7 +39,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -116,6 +116,9 @@ def sqlite_lock(url: str) -> int | None:
     return fd
 
 
+Handler = Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
 class Fleet:
     def __init__(
         self,
@@ -157,6 +160,10 @@ class Fleet:
         self._listener: Any = None  # asyncpg connection LISTENing on CHANNEL
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._lock_fd: int | None = None
+        # Commands another instance may ask of this one about a call it holds (`ask`): each
+        # gets the call SID and the arguments, and returns the reply (a small JSON object:
+        # a NOTIFY payload is at most 8000 bytes).
+        self.handlers: dict[str, Handler] = {"hangup": self._hangup_here}
         self._closed = False
         self._spool_done = asyncio.Event()
         self.wake = asyncio.Event()  # tests: run a heartbeat now
@@ -537,10 +544,10 @@ class Fleet:
             future = self._replies.pop(str(message.get("req")), None)
             if future is not None and not future.done():
                 future.set_result(message)
-        elif kind == "hangup":
-            self._spawn(self._do_hangup(message, call_sid))
         elif kind == "status":
             self._do_status(message, call_sid)
+        elif isinstance(kind, str) and kind in self.handlers:
+            self._spawn(self._answer(message, call_sid, self.handlers[kind]))
         else:
             log_event(log, "fleet.bad_command", logging.WARNING, kind=str(kind)[:40], call_sid=call_sid)
 
@@ -552,18 +559,25 @@ class Fleet:
             await conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": json.dumps(message)})
         self.commands_sent += 1
 
-    async def _do_hangup(self, message: dict[str, Any], call_sid: str) -> None:
-        log_event(log, "fleet.command", call_sid=call_sid, command="hangup", sender=message.get("from"))
-        record = await self.bridge.hangup(call_sid)
+    async def _answer(self, message: dict[str, Any], call_sid: str, handler: Handler) -> None:
+        kind, args = message.get("kind"), message.get("args")
+        log_event(log, "fleet.command", call_sid=call_sid, command=kind, sender=message.get("from"))
         reply: dict[str, Any] = {"to": message.get("from"), "kind": "reply", "req": message.get("req")}
-        if record is not None:
-            reply.update(found=True, status=record.status, end_reason=record.end_reason)
-        else:
-            reply.update(found=False)
+        try:
+            reply.update(await handler(call_sid, args if isinstance(args, dict) else {}))
+        except Exception:
+            log.exception("fleet: the %s command for %s failed", kind, call_sid)
+            reply.update(found=False, error="the holding instance failed to run the command")
         try:
             await self._send(reply)
         except Exception as exc:
             log_event(log, "fleet.reply_failed", logging.WARNING, call_sid=call_sid, error=str(exc))
+
+    async def _hangup_here(self, call_sid: str, _args: dict[str, Any]) -> dict[str, Any]:
+        record = await self.bridge.hangup(call_sid)
+        if record is None:
+            return {"found": False}
+        return {"found": True, "status": record.status, "end_reason": record.end_reason}
 
     def _do_status(self, message: dict[str, Any], call_sid: str) -> None:
         from callbridge.server.state import STREAM_FIRST_SECONDS
@@ -609,15 +623,24 @@ class Fleet:
     async def hangup_elsewhere(self, call_sid: str) -> dict[str, Any] | None:
         """Ask the instance holding `call_sid` to hang it up: its reply (`found`, `status`,
         `end_reason`), or None when no live instance holds it or none answered in time."""
+        return await self.ask(call_sid, "hangup", {}, REPLY_TIMEOUT_S)
+
+    async def ask(
+        self, call_sid: str, kind: str, args: dict[str, Any], timeout: float
+    ) -> dict[str, Any] | None:
+        """Run command `kind` (a key of `handlers` there) on the live instance holding
+        `call_sid`: its reply (with `instance`), or None when no live instance holds the call
+        or none answered within `timeout`."""
         holder = await self.holder(call_sid)
         if holder is None:
             return None
         req = uuid.uuid4().hex
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._replies[req] = future
+        message = {"to": holder, "kind": kind, "call_sid": call_sid, "req": req, "args": args}
         try:
-            await self._send({"to": holder, "kind": "hangup", "call_sid": call_sid, "req": req})
-            reply = await asyncio.wait_for(future, REPLY_TIMEOUT_S)
+            await self._send(message)
+            reply = await asyncio.wait_for(future, timeout)
         except Exception as exc:
             log_event(
                 log,
