@@ -409,3 +409,41 @@ async def test_without_an_api_key_the_agent_is_not_read_and_doctor_says_why(
     assert "ELEVENLABS_API_KEY" in elevenlabs[0].message
     assert agent.agents.requests == []  # nothing asked without a key
     assert failed(checks) == []
+
+
+async def test_the_emulated_agents_api_is_what_the_official_sdk_reads(agent: AgentEmulator) -> None:
+    """The emulator's GET /v1/convai/agents/{id} parsed by the official `elevenlabs` SDK
+    (its GetAgentResponseModel), fields where doctor reads them; a wrong key and an unknown
+    agent are the SDK's errors with the documented status."""
+    from elevenlabs.client import AsyncElevenLabs
+    from elevenlabs.core.api_error import ApiError
+
+    agent.agents.add(
+        AGENT_ID,
+        output_format="pcm_16000",
+        end_call=True,
+        overridable=["agent.first_message"],
+        placeholders={"customer": "friend"},
+    )
+    client = AsyncElevenLabs(api_key=XI_KEY, base_url=agent.base_url)
+    got = await client.conversational_ai.agents.get(agent_id=AGENT_ID)
+    assert type(got).__name__ == "GetAgentResponseModel"
+    convai = got.conversation_config
+    assert convai.asr is not None and convai.asr.user_input_audio_format == "ulaw_8000"
+    assert convai.tts is not None and convai.tts.agent_output_audio_format == "pcm_16000"
+    assert convai.conversation is not None and "agent_tool_response" in (
+        convai.conversation.client_events or []
+    )
+    prompt = convai.agent.prompt if convai.agent else None
+    end_call = prompt.built_in_tools.end_call if prompt and prompt.built_in_tools else None
+    assert end_call is not None and end_call.params.system_tool_type == "end_call"
+    assert got.platform_settings is not None and got.platform_settings.overrides is not None
+    overrides = got.platform_settings.overrides.conversation_config_override
+    assert overrides is not None and overrides.agent is not None and overrides.agent.first_message is True
+    assert overrides.agent.language is False
+    for key, agent_id, status in ((XI_KEY, "agent_nosuch", 404), ("xi-wrong", AGENT_ID, 401)):
+        with pytest.raises(ApiError) as refused:
+            await AsyncElevenLabs(api_key=key, base_url=agent.base_url).conversational_ai.agents.get(
+                agent_id=agent_id
+            )
+        assert refused.value.status_code == status
