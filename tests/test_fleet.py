@@ -9,6 +9,7 @@ PostgreSQL server (`pg_url`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from callbridge.transfer import parse_allow_list
 from tests.pgserver import PostgresServer
 from tests.serverkit import (
     API_TOKEN,
+    RunningServer,
     clean_env,
     free_port,
     running_server,
@@ -39,6 +41,7 @@ from tests.serverkit import (
     wait_until_async,
 )
 
+Pair = tuple[TwilioEmulator, AgentEmulator, RunningServer, RunningServer]
 LEASE = 3.0  # short leases: a dead instance is found within seconds
 
 
@@ -254,13 +257,21 @@ async def test_a_killed_worker_is_replaced_and_its_calls_reconciled(
 # -- servers in this process ----------------------------------------------------------------
 
 
-async def test_hangup_and_status_callbacks_reach_the_instance_holding_the_call(pg_url: str) -> None:
+@contextlib.asynccontextmanager
+async def two_instances(url: str, **settings: Any) -> AsyncIterator[Pair]:
+    """The emulators (an agent that talks for a minute) and two servers in this process,
+    instances `a` and `b`, on one database."""
     async with (
         TwilioEmulator() as twilio,
         AgentEmulator(talkative()) as agent,
-        running_server(settings_for(twilio, agent, pg_url, instance_id="a")) as a,
-        running_server(settings_for(twilio, agent, pg_url, instance_id="b")) as b,
+        running_server(settings_for(twilio, agent, url, instance_id="a", **settings)) as a,
+        running_server(settings_for(twilio, agent, url, instance_id="b", **settings)) as b,
     ):
+        yield twilio, agent, a, b
+
+
+async def test_hangup_and_status_callbacks_reach_the_instance_holding_the_call(pg_url: str) -> None:
+    async with two_instances(pg_url) as (twilio, agent, a, b):
         first = await twilio.place_inbound_call(f"{a.url}/twilio/inbound")
         await agent.wait_for_conversations(1, timeout=10)
         resp = await b.api.post(f"/calls/{first.sid}/hangup")
@@ -295,12 +306,7 @@ async def test_hangup_and_status_callbacks_reach_the_instance_holding_the_call(p
 
 
 async def test_a_stream_token_is_used_once_across_the_fleet(pg_url: str) -> None:
-    async with (
-        TwilioEmulator() as twilio,
-        AgentEmulator(talkative()) as agent,
-        running_server(settings_for(twilio, agent, pg_url, instance_id="a")) as a,
-        running_server(settings_for(twilio, agent, pg_url, instance_id="b")) as b,
-    ):
+    async with two_instances(pg_url) as (twilio, agent, a, b):
         call = await twilio.place_inbound_call(f"{a.url}/twilio/inbound")
         await agent.wait_for_conversations(1, timeout=10)
         params = {"cb_ref": call.sid, "cb_token": a.state.stream_token(call.sid)}
@@ -332,16 +338,7 @@ async def test_a_stream_token_is_used_once_across_the_fleet(pg_url: str) -> None
 
 
 async def test_the_fleet_cap_counts_every_instance(pg_url: str) -> None:
-    async with (
-        TwilioEmulator() as twilio,
-        AgentEmulator(talkative()) as agent,
-        running_server(
-            settings_for(twilio, agent, pg_url, instance_id="a", fleet_max_concurrent_calls=1)
-        ) as a,
-        running_server(
-            settings_for(twilio, agent, pg_url, instance_id="b", fleet_max_concurrent_calls=1)
-        ) as b,
-    ):
+    async with two_instances(pg_url, fleet_max_concurrent_calls=1) as (twilio, agent, a, b):
         first = await twilio.place_inbound_call(f"{a.url}/twilio/inbound")
         await agent.wait_for_conversations(1, timeout=10)
         busy = await twilio.place_inbound_call(f"{b.url}/twilio/inbound")
@@ -417,13 +414,7 @@ async def test_a_database_outage_longer_than_a_lease_hangs_up_nobody(
     """Every lease expires while PostgreSQL hangs; when it answers again, each instance renews
     its own before judging the others', so no live call is taken for a dead instance's."""
     lease = 2.0
-    short = {"instance_lease_seconds": lease}
-    async with (
-        TwilioEmulator() as twilio,
-        AgentEmulator(talkative()) as agent,
-        running_server(settings_for(twilio, agent, pg_url, instance_id="a", **short)) as a,
-        running_server(settings_for(twilio, agent, pg_url, instance_id="b", **short)) as b,
-    ):
+    async with two_instances(pg_url, instance_lease_seconds=lease) as (twilio, agent, a, b):
         on_a = await twilio.place_inbound_call(f"{a.url}/twilio/inbound")
         on_b = await twilio.place_inbound_call(f"{b.url}/twilio/inbound")
         await agent.wait_for_conversations(2, timeout=10)
@@ -447,13 +438,7 @@ async def test_a_database_outage_longer_than_a_lease_hangs_up_nobody(
 
 async def test_a_transfer_through_another_instance_runs_on_the_holder(pg_url: str) -> None:
     desk = "+15550003333"
-    allow = {"transfer_allow": parse_allow_list("+1555000*")}
-    async with (
-        TwilioEmulator() as twilio,
-        AgentEmulator(talkative()) as agent,
-        running_server(settings_for(twilio, agent, pg_url, instance_id="a", **allow)) as a,
-        running_server(settings_for(twilio, agent, pg_url, instance_id="b", **allow)) as b,
-    ):
+    async with two_instances(pg_url, transfer_allow=parse_allow_list("+1555000*")) as (twilio, agent, a, b):
         call = await twilio.place_inbound_call(f"{a.url}/twilio/inbound")
         await agent.wait_for_conversations(1, timeout=10)
         refused = await b.api.post(f"/calls/{call.sid}/transfer", json={"to": "+19005550000"})
