@@ -127,12 +127,17 @@ def _format_check(name: str, value: Any, where: str, setting: str) -> Check:
     if value == "ulaw_8000":
         return Check(name, "ok", f"{where} is ulaw_8000: passed through untouched")
     if isinstance(value, str) and re.fullmatch(r"pcm_(8000|16000|22050|24000|44100|48000)", value):
+        cost = (
+            "G.711 to and from PCM on every frame: a little CPU per call"
+            if value == "pcm_8000"
+            else "G.711 and resampling on every frame: CPU per call, and the resampler delays the "
+            "audio by tens of ms (BENCHMARKS.md)"
+        )
         return Check(
             name,
             "warn",
-            f"{where} is {value}: works, converted on every frame (G.711 and resampling cost CPU "
-            f"per call, plus a few ms of resampler delay); set {setting} to μ-law 8000 Hz to pass "
-            "audio through",
+            f"{where} is {value}: works, converted ({cost}); set {setting} to μ-law 8000 Hz to pass "
+            "audio through untouched",
         )
     shown = value if value is not None else "not set (the API's default is pcm_16000)"
     return Check(
