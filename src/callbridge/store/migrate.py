@@ -28,8 +28,15 @@ async def migrate(engine: AsyncEngine, url: str) -> str:
     """Upgrade the schema to the head revision under the migration lock; the revision."""
     if engine.dialect.name == "postgresql":
         async with engine.connect() as conn:
-            await conn.execute(sql_text("SELECT pg_advisory_lock(:key)"), {"key": _LOCK_KEY})
-            await conn.commit()
+            # Polled, not waited for: a blocking pg_advisory_lock would count against the
+            # driver's command timeout while another instance migrates (the caller bounds
+            # the whole opening instead).
+            while True:
+                got = await conn.execute(sql_text("SELECT pg_try_advisory_lock(:key)"), {"key": _LOCK_KEY})
+                await conn.commit()
+                if got.scalar():
+                    break
+                await asyncio.sleep(0.05)
             try:
                 revision = await conn.run_sync(_upgrade_sync)
                 await conn.commit()
