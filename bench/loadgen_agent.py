@@ -7,6 +7,10 @@ back: turns of `agent_response` + `audio` events in chunks paced in real time,
 alternating with listening; at its goodbye time the agent says a last line,
 sends `agent_tool_response` for `end_call` and closes 1000.
 
+Load profiles (`--profile`): `default` speaks `--speak-s` then listens `--listen-s`;
+`continuous` speaks without pause, one chunk every `--chunk-ms` from the first
+response to the goodbye (each call on its own phase within one chunk period).
+
 It logs, per conversation, when each of its chunks was sent and when each caller
 frame arrived (see common.py for tags and onset markers), and writes them to
 `--out` (.npz + .json) when the run is over.
@@ -55,12 +59,15 @@ class Agent:
         listen_s: float,
         goodbye_s: float,
         ping_s: float,
+        continuous: bool = False,
     ) -> None:
         self.sched = sched
         self.fmt = fmt
         self.chunk_ms = chunk_ms
-        self.speak_chunks = max(1, round(speak_s * 1000 / chunk_ms))
-        self.listen_s = listen_s
+        self.continuous = continuous
+        # Continuous speech: one response that only the goodbye cuts short.
+        self.speak_chunks = 1 << 40 if continuous else max(1, round(speak_s * 1000 / chunk_ms))
+        self.listen_s = 0.0 if continuous else listen_s
         self.goodbye_chunks = max(1, round(goodbye_s * 1000 / chunk_ms))
         self.ping_s = ping_s
         self.conns: list[AgentConn] = []
@@ -192,7 +199,7 @@ class AgentConn(WsServer):
         self._ping_timer = self.loop.call_later(a.ping_s, self._ping)
         # Calls are not in step: each conversation's first turn starts at its own phase of the
         # speak/listen cycle (spread by a golden-ratio sequence).
-        cycle = a.speak_chunks * a.chunk_ms / 1000 + a.listen_s
+        cycle = a.chunk_ms / 1000 if a.continuous else a.speak_chunks * a.chunk_ms / 1000 + a.listen_s
         first = time.monotonic() + (self.index * 0.618034 % 1.0) * cycle
         self._timer = self.loop.call_at(self._loop_time(first), self._turn, first)
 
@@ -272,6 +279,7 @@ class AgentConn(WsServer):
 def summary(agent: Agent) -> dict[str, Any]:
     conns = agent.conns
     return {
+        "profile": "continuous" if agent.continuous else "default",
         "conversations": len(conns),
         "ready": sum(c.ready for c in conns),
         "goodbyes": sum(c.goodbye_started for c in conns),
@@ -300,19 +308,34 @@ async def main() -> None:
     p.add_argument("--listen-s", type=float, default=2.0)
     p.add_argument("--goodbye-s", type=float, default=1.0)
     p.add_argument("--ping-s", type=float, default=5.0)
+    p.add_argument("--profile", choices=["default", "continuous"], default="default")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     sched = Schedule.from_json(args.schedule)
-    agent = Agent(sched, args.format, args.chunk_ms, args.speak_s, args.listen_s, args.goodbye_s, args.ping_s)
+    agent = Agent(
+        sched,
+        args.format,
+        args.chunk_ms,
+        args.speak_s,
+        args.listen_s,
+        args.goodbye_s,
+        args.ping_s,
+        continuous=args.profile == "continuous",
+    )
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: AgentConn(agent), "127.0.0.1", args.port, backlog=1024)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     print("READY", flush=True)
     deadline = sched.hard_end + 4.0
+    all_closed_at: float | None = None
     while not stop.is_set() and time.monotonic() < deadline:
         if time.monotonic() > sched.goodbye_at and agent.conns and all(not c.open for c in agent.conns):
-            break
+            # Saving the logs takes this core for ~0.1 s: wait until the callers, on the same core,
+            # have played the last goodbye and echoed its mark (it would be echoed late otherwise).
+            all_closed_at = all_closed_at or time.monotonic()
+            if time.monotonic() - all_closed_at >= 1.5:
+                break
         try:
             await asyncio.wait_for(stop.wait(), 0.2)
         except TimeoutError:

@@ -10,6 +10,10 @@ and echoes the pending marks at once. A REST hang-up of the call
 as Twilio does: `stop`, then close. A call the system never hangs up is ended by
 the caller at the schedule's hard end (`stop`, close), as a person would.
 
+Callers send the same 20 ms frames under every load profile (`--profile`, which
+only the agent side's speech follows); the profile is written to the summary so
+that a run can check that both sides ran the same one.
+
 It logs when each frame was sent and when each agent chunk arrived (tags or onset
 markers, see common.py) and, per call, the goodbye timings, and writes them to
 `--out` (.npz + .json).
@@ -74,6 +78,7 @@ class Load:
         self.marker_call = array("q")
         self.marker_t = array("d")
         self.hangups: list[tuple[str, float]] = []
+        self.profile = "default"
         self.rest_requests = 0
         self._bodies = [body_b64(FRAME_BYTES, off) for off in range(0, 4000, 173)]
         self._quiet = [
@@ -392,7 +397,7 @@ def summary(load: Load) -> dict[str, Any]:
                 "handshake_failed": c.handshake_failed,
             }
         )
-    return {"calls": calls, "rest_requests": load.rest_requests}
+    return {"calls": calls, "rest_requests": load.rest_requests, "profile": load.profile}
 
 
 def save(load: Load, out: Path) -> None:
@@ -419,6 +424,7 @@ async def main() -> None:
     p.add_argument(
         "--signed", action="store_true", help="sign upgrades and add stream tokens (production app)"
     )
+    p.add_argument("--profile", choices=["default", "continuous"], default="default")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     sched = Schedule.from_json(args.schedule)
@@ -428,6 +434,7 @@ async def main() -> None:
         else None
     )
     load = Load(sched, args.url, args.format == "ulaw_8000", token_key)
+    load.profile = args.profile
     loop = asyncio.get_running_loop()
     rest = await loop.create_server(lambda: RestStub(load), "127.0.0.1", args.rest_port, backlog=1024)
     stop = asyncio.Event()

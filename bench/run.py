@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -59,6 +60,12 @@ CALLBRIDGE_CLI = str(Path(sys.executable).parent / "callbridge")
 LOADGEN_PY = PEERS_PY if Path(PEERS_PY).exists() else PROJECT_PY
 TICK = os.sysconf("SC_CLK_TCK")
 THRESHOLD_MS = 20.0
+# The load profiles the generators know (loadgen_agent.py --profile): the agent's speech pattern.
+LOAD_PROFILES = ("default", "continuous")
+# py-spy (for --py-spy) from the peers venv, else from PATH.
+PY_SPY = str(BENCH / ".venv-peers" / "bin" / "py-spy")
+if not Path(PY_SPY).exists():
+    PY_SPY = shutil.which("py-spy") or PY_SPY
 # A smoke run checks the harness, it is no result: its report goes to a folder git ignores.
 SMOKE_OUT = BENCH / "results" / "smoke" / "smoke.json"
 
@@ -101,7 +108,13 @@ def systems() -> dict[str, System]:
             env=app_env,
             note="`callbridge serve`: Starlette/uvicorn, signatures, stream tokens, SQLite records",
         ),
-        "relay": System("relay", "bare relay (floor)", [PROJECT_PY, str(s / "relay.py")]),
+        "relay": System("relay", "bare relay, websockets", [PROJECT_PY, str(s / "relay.py")]),
+        "relay-aiohttp": System(
+            "relay-aiohttp",
+            "bare relay, aiohttp + uvloop + orjson (floor)",
+            [PROJECT_PY, str(s / "relay_aiohttp.py")],
+            note="aiohttp's server and client (C HTTP parser and frame reader), orjson; REST hang-up",
+        ),
         "relay-lean": System(
             "relay-lean",
             "bare relay, minimal WebSocket layer",
@@ -392,8 +405,9 @@ def run_one(
     n: int,
     timing: Timing,
     work: Path,
-    profile: str | None = None,
+    pyspy: str | None = None,
     baseline: dict[str, Any] | None = None,
+    load: str = "default",
 ) -> dict[str, Any]:
     agent_port, sut_port, rest_port = free_port(), free_port(), free_port()
     tag = f"{system.name}-{n}"
@@ -454,6 +468,8 @@ def run_one(
                 sched.to_json(),
                 "--format",
                 system.fmt,
+                "--profile",
+                load,
                 "--out",
                 str(agent_out),
             ],
@@ -474,6 +490,8 @@ def run_one(
             sched.to_json(),
             "--format",
             system.fmt,
+            "--profile",
+            load,
             "--out",
             str(caller_out),
         ]
@@ -493,19 +511,19 @@ def run_one(
         split0 = {p.pid: cpu_split(p.pid) for p in (sut, agent, caller)}
         busy0 = machine_busy()
         t_c0 = time.monotonic()
-        if profile:
+        if pyspy:
             prof = subprocess.Popen(
                 [
-                    str(BENCH / ".venv-peers" / "bin" / "py-spy"),
+                    PY_SPY,
                     "record",
                     "-p",
                     str(sut.pid),
                     "-d",
                     str(int(timing.steady_s)),
                     "-f",
-                    {".json": "speedscope", ".txt": "raw"}.get(Path(profile).suffix, "flamegraph"),
+                    {".json": "speedscope", ".txt": "raw"}.get(Path(pyspy).suffix, "flamegraph"),
                     "-o",
-                    profile,
+                    pyspy,
                     "-r",
                     "200",
                 ],
@@ -531,6 +549,12 @@ def run_one(
                 stop(p)
         cs = json.loads(caller_out.with_suffix(".json").read_text())
         ag = json.loads(agent_out.with_suffix(".json").read_text())
+        if {cs.get("profile"), ag.get("profile")} != {load}:
+            result["error"] = (
+                f"load generators ran profiles {cs.get('profile')}/{ag.get('profile')}, not {load}"
+            )
+            return result
+        result["load_profile"] = load
         cz = np.load(caller_out.with_suffix(".npz"))
         az = np.load(agent_out.with_suffix(".npz"))
         w0, w1 = sched.steady_start, sched.steady_end
@@ -621,6 +645,27 @@ def _ended(h: dict[str, Any]) -> str:
     return ", ".join(f"{names.get(k, k)}: {v}" for k, v in sorted(h["ended_by"].items()))
 
 
+def floor_of(rows: list[dict[str, Any]]) -> str:
+    """The system every other is compared with: the aiohttp relay when it ran (issue 17), else
+    the websockets relay (runs before it existed)."""
+    return "relay-aiohttp" if any(r["system"] == "relay-aiohttp" for r in rows) else "relay"
+
+
+def vs_floor(r: dict[str, Any], rows: list[dict[str, Any]]) -> float | None:
+    """CPU per call-minute of a point over the floor's at the same N (the first such point of the
+    floor at or before it in the run: interleaved, the same minute)."""
+    floor = floor_of(rows)
+    at = next((i for i, x in enumerate(rows) if x is r), len(rows))
+    mine = [
+        (i, x) for i, x in enumerate(rows) if x["system"] == floor and x["calls"] == r["calls"] and "up" in x
+    ]
+    before = [x for i, x in mine if i <= at]
+    ref = (before or [x for _, x in mine])[-1] if mine else None
+    if ref is None or not ref["cpu_ms_per_call_minute"] or "cpu_ms_per_call_minute" not in r:
+        return None
+    return round(r["cpu_ms_per_call_minute"] / ref["cpu_ms_per_call_minute"], 2)
+
+
 def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     """One line per system: capacity, and the numbers at the largest N every system ran."""
     rows = [r for r in report["runs"] if "up" in r]
@@ -631,7 +676,7 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         if all(any(r["system"] == s and r["calls"] == n for r in rows) for s in systems_)
     ]
     at = common[-1] if common else None
-    relay = next((r for r in rows if r["system"] == "relay" and r["calls"] == at), None)
+    relay = next((r for r in rows if r["system"] == floor_of(rows) and r["calls"] == at), None)
     out = []
     for s in systems_:
         mine = [r for r in rows if r["system"] == s]
@@ -667,16 +712,18 @@ def markdown(report: dict[str, Any]) -> str:
     rows = report["runs"]
     summ = summary_rows(report)
     at = summ[0]["at"] if summ else None
+    floor = floor_of(rows)
     out = [
         f"Run {report['started']} on {report['machine']} ({report['cores']} cores, shared), Python "
         f"{report.get('python', '?')}; steady window {report['steady_s']} s per point; "
         "system under test pinned "
-        f"to core 1, load generator to core 0. Command: `{report.get('command', '')}`.",
+        f"to core 1, load generator to core 0; load profile {report.get('load_profile', 'default')}. "
+        f"Command: `{report.get('command', '')}`.",
         "",
         f"### Summary (latency, CPU and memory at N = {at}, the largest N every system ran)",
         "",
         "| system | calls held (p99 within limit, nothing lost) | first failed N | calls/core by CPU "
-        "| up p50 / p99 / max ms | down p50 / p99 / max ms | CPU ms per call-minute | vs bare relay "
+        f"| up p50 / p99 / max ms | down p50 / p99 / max ms | CPU ms per call-minute | vs {floor} "
         "| memory per call (KB, at its largest N held) | phone leg after the agent's goodbye |",
         "|---|---:|---:|---:|---|---|---:|---:|---:|---|",
     ]
@@ -693,20 +740,23 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "| system | N | up p50 / p99 / max ms | down p50 / p99 / max ms | lost up/down "
         "| late (>20 ms) up/down "
-        "| SUT core | CPU ms per call-min | RSS idle/peak MB | KB per call | load gen core "
+        f"| SUT core | CPU ms per call-min | vs {floor} | RSS idle/peak MB | KB per call "
+        "| hang-up after last mark p99 ms | load gen core "
         "| load gen late p99 ms | other jobs (cores) "
         "| pass |",
-        "|---|---:|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
+        "|---|---:|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['label']} | {r['calls']} | {r['error']} | | | | | | | | | | | no |")
+            out.append(f"| {r['label']} | {r['calls']} | {r['error']} | | | | | | | | | | | | | no |")
             continue
         u, d = r["up"], r["down"]
         out.append(
             f"| {r['label']} | {r['calls']} | {_triple(u)} | {_triple(d)} | {u['lost']}/{d['lost']} "
             f"| {u['late']}/{d['late']} | {r['sut_core_util']:.2f} | {r['cpu_ms_per_call_minute']} "
+            f"| {fmt(vs_floor(r, rows), 'x')} "
             f"| {r['rss_idle_mb']}/{r['rss_peak_mb']} | {r['mem_per_call_kb']} "
+            f"| {fmt(r['hangup']['rest_hangup_after_last_mark_ms']['p99'])} "
             f"| {r['loadgen_core0_util']:.2f} | {fmt(r['loadgen_send_late_p99_ms'])} "
             f"| {r['background_cores']:.2f} | {'yes' if r['pass'] else 'no'} |"
         )
@@ -756,7 +806,7 @@ def main() -> int:
     )
     p.add_argument(
         "--systems",
-        default="callbridge,callbridge-pcm16,callbridge-app,callbridge-asyncio,relay,relay-lean,"
+        default="callbridge,callbridge-pcm16,callbridge-app,callbridge-asyncio,relay-aiohttp,relay,relay-lean,"
         "sdk,pipecat,pipecat-pcm16",
     )
     p.add_argument("--calls", default="25,35,50,75,100,125,150,175,200,250,300")
@@ -773,7 +823,14 @@ def main() -> int:
     p.add_argument(
         "--render", type=Path, default=None, help="only re-render the .md (and plot) of a bench.json"
     )
-    p.add_argument("--profile", default=None, help="py-spy the SUT during the window (one system, one N)")
+    p.add_argument(
+        "--profile",
+        choices=LOAD_PROFILES,
+        default="default",
+        help="the load: default (the agent talks 2 s, listens 2 s) or continuous (a 100 ms chunk every "
+        "100 ms, each followed by a mark); callers send 20 ms frames in both",
+    )
+    p.add_argument("--py-spy", default=None, help="py-spy the SUT during the window (one system, one N)")
     args = p.parse_args()
     if args.render is not None:
         rendered: dict[str, Any] = json.loads(args.render.read_text())
@@ -814,6 +871,7 @@ def main() -> int:
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "steady_s": steady,
+        "load_profile": args.profile,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "runs": [],
     }
@@ -826,7 +884,7 @@ def main() -> int:
             for attempt in range(args.retries + 1):
                 t = time.monotonic()
                 base = baselines.get(s.name) if s.fmt != "ulaw_8000" else None
-                r = run_one(s, n, timing, work, profile=args.profile, baseline=base)
+                r = run_one(s, n, timing, work, pyspy=args.py_spy, baseline=base, load=args.profile)
                 if s.fmt != "ulaw_8000" and s.name not in baselines and "up" in r:
                     baselines[s.name] = r
                     limits = [round((r[w]["p99"] or 0) + THRESHOLD_MS, 1) for w in ("up", "down")]

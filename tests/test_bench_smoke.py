@@ -60,6 +60,38 @@ def test_bench_smoke_writes_only_ignored_files(monkeypatch: pytest.MonkeyPatch) 
     for path in (module.SMOKE_OUT, module.SMOKE_OUT.with_suffix(".md")):
         ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", str(path)], check=False)
         assert ignored.returncode == 0, f"{path} is not ignored by git"
-        tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "--error-unmatch", str(path)],
-                                 capture_output=True, check=False)
+        tracked = subprocess.run(
+            ["git", "-C", str(ROOT), "ls-files", "--error-unmatch", str(path)],
+            capture_output=True,
+            check=False,
+        )
         assert tracked.returncode != 0, f"{path} is tracked"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_bench_floor_smoke_continuous(tmp_path: Path) -> None:
+    """The aiohttp floor (issue 17) on the continuous-speech load: every frame relayed both ways,
+    the agent heard speaking without pause, and each call hung up over REST after its goodbye
+    played (as callbridge does), none cut off."""
+    pytest.importorskip("orjson", reason="the project's bench extra is not installed (make bench)")
+    out = tmp_path / "floor.json"
+    argv = [sys.executable, str(ROOT / "bench" / "run.py"), "--systems", "relay-aiohttp", "--calls", "5"]
+    argv += ["--steady", "2", "--retries", "0", "--profile", "continuous", "--out", str(out)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["load_profile"] == "continuous"
+    (r,) = report["runs"]
+    assert "error" not in r, r.get("error")
+    assert r["system"] == "relay-aiohttp" and r["load_profile"] == "continuous"
+    assert r["connected"] == 5 and r["agent_conversations"] == 5
+    for way in ("up", "down"):
+        assert r[way]["n"] > 0 and r[way]["lost"] == 0, (way, r[way])
+    # Continuous speech: a 100 ms chunk per call every 100 ms of the window (the default
+    # profile, 2 s on and 2 s off, sends about half of that).
+    assert r["down"]["expected"] >= 0.9 * 5 * r["window_s"] / 0.1, r["down"]
+    assert r["hangup"]["ended_by"] == {"rest": 5}
+    assert r["hangup"]["goodbye_cut_calls"] == 0
+    assert r["rest_requests"] == 5
+    assert r["hangup"]["rest_hangup_after_last_mark_ms"]["n"] == 5
