@@ -81,11 +81,17 @@ async def test_machine_with_hangup_ends_the_call_voicemail(twilio: TwilioEmulato
 
 
 @pytest.mark.database
+@pytest.mark.parametrize(
+    ("verdict_after", "agent_connects_after"),
+    [(0.3, 0.0), (0.05, 1.5)],  # the second: the verdict comes before the agent is connected
+)
 async def test_machine_with_agent_gets_a_contextual_update_and_the_agent_ends(
-    twilio: TwilioEmulator, db_url: str
+    twilio: TwilioEmulator, db_url: str, verdict_after: float, agent_connects_after: float
 ) -> None:
     twilio.machine_detection.answered_by = "machine_end_silence"
+    twilio.machine_detection.seconds = verdict_after
     script = AgentScript(
+        metadata_delay=agent_connects_after,
         steps=[
             Say("Hello!", seconds=0.3),
             WaitForContextualUpdate(contains="voicemail", timeout=10),
@@ -219,7 +225,12 @@ async def test_a_verdict_reaching_another_instance_is_recorded_and_hung_up_by_th
         running_server(settings_for(twilio, agent, pg_url, instance_id="b")) as b,
     ):
         sid = await place(a, "hangup")  # the emulator's own verdict (human) goes to a
-        await wait_until(lambda: bool(twilio.machine_detection.callbacks), 10, "the verdict was sent")
+
+        async def human_recorded() -> bool:
+            resp = await b.api.get(f"/calls/{sid}")  # b reads the database: a's write is in
+            return resp.status_code == 200 and resp.json()["answered_by"] == "human"
+
+        await wait_until_async(human_recorded, 10, "the emulator's verdict is written")
         url = f"{b.url}/twilio/amd?mode=hangup"
         form = {"AccountSid": twilio.account_sid, "CallSid": sid, "AnsweredBy": "machine_end_beep"}
         resp = await b.api.post(

@@ -18,6 +18,7 @@ is refused 404 and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from callbridge.call import EndReason
+from callbridge.call import Call, EndReason
 from callbridge.config import Settings
 from callbridge.logs import log_event
 from callbridge.server.state import AppState
@@ -45,6 +46,9 @@ log = logging.getLogger("callbridge.server")
 
 AMD_PATH = "/twilio/amd"
 MACHINE_DETECTION_MODES = ("off", "hangup", "agent")
+# How long a verdict waits for the media stream of a call answered but not connected yet
+# (normally connected well before a machine's greeting has ended and its verdict comes).
+STREAM_WAIT_SECONDS = 3.0
 HUMAN = frozenset({"human", "unknown"})
 MACHINE = frozenset({"machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other"})
 ANSWERED_BY = HUMAN | MACHINE | {"fax"}
@@ -100,7 +104,13 @@ async def amd_callback(request: Request) -> Response:
     if answered_by in HUMAN:
         return Response(status_code=204)
     detail = f"answered by {answered_by} (machine detection: {mode})"
-    if mode == "agent" and answered_by in MACHINE:
+    to_agent = mode == "agent" and answered_by in MACHINE
+    # A verdict that came before the call's media stream, or before its agent: wait, bounded.
+    if call is None and record is not None and record.get("status") != "ended":
+        call = await _until_live(state, call_sid, False, STREAM_WAIT_SECONDS)
+    if to_agent and call is not None and not _agent_ready(call):
+        call = await _until_live(state, call_sid, True, state.settings.agent_connect_timeout)
+    if to_agent:
         # Call.send_contextual_update also keeps it in the record's timeline.
         if call is None or not await call.send_contextual_update(VOICEMAIL_UPDATE):
             log_event(log, "amd.agent_not_live", logging.WARNING, call_sid=call_sid, answered_by=answered_by)
@@ -114,6 +124,24 @@ async def amd_callback(request: Request) -> Response:
         with contextlib.suppress(CallControlError):
             await state.control.hangup(call_sid)
     return Response(status_code=204)
+
+
+def _agent_ready(call: Call) -> bool:
+    return (call.agent is not None and call.agent.is_open) or call.end_reason is not None
+
+
+async def _until_live(state: AppState, call_sid: str, need_agent: bool, bound: float) -> Call | None:
+    """The call once it is live here (with its agent connected, if `need_agent`), or
+    whatever is known of it after `bound` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound
+    while True:
+        call = state.bridge.find(call_sid)
+        if call is not None and (not need_agent or _agent_ready(call)):
+            return call
+        if loop.time() >= deadline:
+            return call
+        await asyncio.sleep(0.05)
 
 
 async def _held_elsewhere(

@@ -57,8 +57,9 @@ class WaitForUser:
 
 @dataclass(frozen=True)
 class WaitForContextualUpdate:
-    """Wait until the client sends a ``contextual_update`` (background information that asks
-    for no answer), one whose text contains ``contains`` if given.
+    """Wait until the client has sent a ``contextual_update`` (background information that
+    asks for no answer), one whose text contains ``contains`` if given; one that came while
+    earlier steps ran counts, one an earlier wait step already saw does not.
 
     On ``timeout`` the script carries on (noted in ``EmulatedConversation.step_log``).
     """

@@ -63,6 +63,8 @@ _SECONDS_PER_CHAR: Final = 0.06
 class Session(Connection):
     """Runs one script on one accepted connection and records the traffic."""
 
+    _contextual_seen = 0  # contextual updates already seen by a WaitForContextualUpdate
+
     async def run(self) -> None:
         self._tasks.spawn(self._read_loop(), name=f"el-emu-read-{self.conv.index}")
         self._tasks.spawn(self._guard(self._run_script()), name=f"el-emu-script-{self.conv.index}")
@@ -221,10 +223,12 @@ class Session(Connection):
             )
 
     async def _wait_for_contextual_update(self, step: WaitForContextualUpdate) -> None:
+        # Updates that came while earlier steps ran count too (the agent keeps them in its
+        # context); each wait consumes what it has seen.
         def texts() -> list[str]:
             return [str(m.get("text")) for m in self.conv.received_messages("contextual_update")]
 
-        seen = len(texts())
+        seen = self._contextual_seen
 
         def arrived() -> bool:
             return any(step.contains is None or step.contains in text for text in texts()[seen:])
@@ -233,6 +237,7 @@ class Session(Connection):
             self._log(f"contextual_update received: {short(texts()[-1])}")
         else:
             self._log(f"timeout: no contextual_update in {step.timeout} s")
+        self._contextual_seen = len(texts())
 
     async def _wait_for_user_message(self, step: WaitForUserMessage) -> None:
         seen = len(self.conv.user_messages())
