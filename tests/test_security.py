@@ -532,8 +532,13 @@ async def test_calls_api_hostile_json_gets_a_client_error(
     assert "error" in resp.json()
 
 
+# A refused caller is answered at once, never held until a timeout
+# (the agent connect timeout is 10 s). The bound is loose: the machines are shared and noisy.
+NOT_HELD_S = 5.0
+
+
 @pytest.mark.database
-async def test_at_capacity_every_rejected_call_is_answered_within_a_second(
+async def test_at_capacity_every_rejected_call_is_answered_without_waiting(
     twilio: TwilioEmulator, db_url: str
 ) -> None:
     async with AgentEmulator(talkative()) as agent:
@@ -573,11 +578,11 @@ async def test_at_capacity_every_rejected_call_is_answered_within_a_second(
     for took, resp in answers:
         assert resp.status_code == 200 and "lines are busy" in resp.text and "<Hangup/>" in resp.text
         assert "<Stream" not in resp.text
-        assert took < 1.0, took
+        assert took < NOT_HELD_S, took
     for took, resp in refused:
-        assert resp.status_code == 503 and took < 1.0
+        assert resp.status_code == 503 and took < NOT_HELD_S
     for took, call in turned_away:
-        assert call.stream is None and "busy" in call.twiml_documents[-1] and took < 1.0
+        assert call.stream is None and "busy" in call.twiml_documents[-1] and took < NOT_HELD_S
     assert still_live == 2
     assert metric(metrics, "callbridge_calls_rejected_total") == 20 + 3
     assert not [r for r in twilio.requests if r.method == "POST" and r.path.endswith("/Calls.json")]
