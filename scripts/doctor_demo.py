@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -27,25 +26,16 @@ from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall,
 from callbridge.emulators.speech import SPEECH_LINES, load_speech
 from callbridge.emulators.twilio import TwilioEmulator
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rehearsal import Checks, free_port
+
 ACCOUNT_SID = "AC" + "e" * 32
 AUTH_TOKEN = "doctor-demo-auth-token"
 XI_KEY = "xi-doctor-demo-key"
 AGENT_ID = "agent_doctordemo01"
 NUMBER = "+15550109999"
-failures: list[str] = []
-
-
-def check(ok: bool, what: str) -> None:
-    print(f"  {'✓' if ok else '✗'} {what}", flush=True)
-    if not ok:
-        failures.append(what)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+check = Checks()
+failures = check.failures
 
 
 async def callbridge(env: dict[str, str], cwd: Path, *args: str, show: bool = True) -> tuple[int, str]:

@@ -21,6 +21,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from rehearsal import Checks, free_port  # noqa: E402
 
 from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, Say  # noqa: E402
 from callbridge.emulators.twilio import TwilioEmulator  # noqa: E402
@@ -28,22 +31,8 @@ from tests.pgserver import PostgresServer, find_bindir  # noqa: E402
 
 TOKEN = "fleet-demo-api-token"
 LEASE = 5.0
-failures: list[str] = []
-
-
-def check(ok: bool, what: str, detail: str = "") -> None:
-    print(f"  {'✓' if ok else '✗'} {what}{f'  ({detail})' if detail else ''}", flush=True)
-    if not ok:
-        failures.append(what)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+check = Checks()
+failures = check.failures
 
 
 def base_env(twilio: TwilioEmulator, agent: AgentEmulator, url: str, lease: float) -> dict[str, str]:
