@@ -19,7 +19,6 @@ is refused 404 and changes nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -118,11 +117,13 @@ async def amd_callback(request: Request) -> Response:
     if call is not None:
         call.request_end(EndReason.VOICEMAIL, detail)
     elif record is not None and record.get("status") != "ended":
-        # Not live here (its stream not connected yet, or held elsewhere): closed first, then
-        # hung up, so the status callback the hang-up brings finds it closed.
+        # Still not live here (its stream never connected): closed first, then hung up, so
+        # the status callback the hang-up brings finds it closed.
         await state.store.close_record(call_sid, EndReason.VOICEMAIL.value, detail)
-        with contextlib.suppress(CallControlError):
+        try:
             await state.control.hangup(call_sid)
+        except CallControlError as exc:
+            log_event(log, "amd.hangup_failed", logging.ERROR, call_sid=call_sid, error=str(exc))
     return Response(status_code=204)
 
 
