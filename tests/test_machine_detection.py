@@ -215,23 +215,32 @@ async def test_machine_on_a_call_whose_stream_never_connected_is_closed_then_hun
     assert call.end_cause == "rest_completed" and agent.conversations == []
 
 
-async def test_a_verdict_reaching_another_instance_is_recorded_and_hung_up_by_the_holder(
-    twilio: TwilioEmulator, pg_url: str
+@pytest.mark.parametrize("mode", ["hangup", "agent"])
+async def test_a_verdict_reaching_another_instance_is_acted_on_by_the_holder(
+    twilio: TwilioEmulator, pg_url: str, mode: str
 ) -> None:
     # Behind a load balancer the verdict may reach an instance that does not hold the call.
+    script = AgentScript(
+        steps=[
+            Say("Hello!", seconds=0.3),
+            WaitForContextualUpdate(contains="voicemail", timeout=20),
+            EndCall("Please call the clinic back.", seconds=0.3, close_delay=0.05),
+        ],
+        realtime_factor=float("inf"),
+    )
     async with (
-        AgentEmulator(talkative()) as agent,
+        AgentEmulator(script) as agent,
         running_server(settings_for(twilio, agent, pg_url, instance_id="a")) as a,
         running_server(settings_for(twilio, agent, pg_url, instance_id="b")) as b,
     ):
-        sid = await place(a, "hangup")  # the emulator's own verdict (human) goes to a
+        sid = await place(a, mode)  # the emulator's own verdict (human) goes to a
 
         async def human_recorded() -> bool:
             resp = await b.api.get(f"/calls/{sid}")  # b reads the database: a's write is in
             return resp.status_code == 200 and resp.json()["answered_by"] == "human"
 
         await wait_until_async(human_recorded, 10, "the emulator's verdict is written")
-        url = f"{b.url}/twilio/amd?mode=hangup"
+        url = f"{b.url}/twilio/amd?mode={mode}"
         form = {"AccountSid": twilio.account_sid, "CallSid": sid, "AnsweredBy": "machine_end_beep"}
         resp = await b.api.post(
             url, data=form, headers={"X-Twilio-Signature": twilio_signature(twilio.auth_token, url, form)}
@@ -239,8 +248,11 @@ async def test_a_verdict_reaching_another_instance_is_recorded_and_hung_up_by_th
         await a.wait_records(1)
         record = await ended_record(b, sid)
         await twilio.calls[sid].wait_ended(5)
-    assert resp.status_code == 204
-    assert a.records[0].end_reason == "hangup_requested" and b.records == []
+        conv = agent.conversations[0]
+    assert resp.status_code == 204 and b.records == []
+    expected = "voicemail" if mode == "hangup" else "agent_ended"
+    assert a.records[0].end_reason == expected and record["end_reason"] == expected
+    assert conv.contextual_updates() == ([VOICEMAIL_UPDATE] if mode == "agent" else [])
     assert record["answered_by"] == "machine_end_beep" and twilio.calls[sid].status == "completed"
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "VOICEMAIL_UPDATE",
     "amd_arguments",
     "amd_callback",
+    "fleet_amd",
 ]
 
 log = logging.getLogger("callbridge.server")
@@ -100,8 +101,21 @@ async def amd_callback(request: Request) -> Response:
         detection_ms=form.get("MachineDetectionDuration", ""),
         live_here=call is not None,
     )
+    await _act(state, call_sid, call, record, answered_by, mode)
+    return Response(status_code=204)
+
+
+async def _act(
+    state: AppState,
+    call_sid: str,
+    call: Call | None,
+    record: dict[str, Any] | None,
+    answered_by: str,
+    mode: str,
+) -> None:
+    """What a verdict does to the call (live here, or known from its `record`)."""
     if answered_by in HUMAN:
-        return Response(status_code=204)
+        return
     detail = f"answered by {answered_by} (machine detection: {mode})"
     to_agent = mode == "agent" and answered_by in MACHINE
     # A verdict that came before the call's media stream, or before its agent: wait, bounded.
@@ -113,7 +127,7 @@ async def amd_callback(request: Request) -> Response:
         # Call.send_contextual_update also keeps it in the record's timeline.
         if call is None or not await call.send_contextual_update(VOICEMAIL_UPDATE):
             log_event(log, "amd.agent_not_live", logging.WARNING, call_sid=call_sid, answered_by=answered_by)
-        return Response(status_code=204)
+        return
     if call is not None:
         call.request_end(EndReason.VOICEMAIL, detail)
     elif record is not None and record.get("status") != "ended":
@@ -124,7 +138,6 @@ async def amd_callback(request: Request) -> Response:
             await state.control.hangup(call_sid)
         except CallControlError as exc:
             log_event(log, "amd.hangup_failed", logging.ERROR, call_sid=call_sid, error=str(exc))
-    return Response(status_code=204)
 
 
 def _agent_ready(call: Call) -> bool:
@@ -149,18 +162,24 @@ async def _held_elsewhere(
     state: AppState, call_sid: str, answered_by: str, mode: str, holder: str
 ) -> Response:
     """The verdict reached another instance than the one holding the call (behind a load
-    balancer): the verdict is recorded; a machine to hang up is hung up by its holder
-    (through the fleet's hang-up command, so that instance's record says
-    `hangup_requested`). The agent of a call held elsewhere cannot be told yet."""
+    balancer): recorded here, and acted on by the holder (the fleet's `amd` command)."""
     assert state.fleet is not None
     await state.store.set_answered_by(call_sid, answered_by)
     log_event(log, "amd.result", call_sid=call_sid, answered_by=answered_by, mode=mode, holder=holder)
     if answered_by in HUMAN:
         return Response(status_code=204)
-    if mode == "agent" and answered_by in MACHINE:
-        log_event(log, "amd.agent_elsewhere", logging.WARNING, call_sid=call_sid, holder=holder)
-        return Response(status_code=204)
-    reply = await state.fleet.hangup_elsewhere(call_sid)
-    ended = reply.get("end_reason") if reply else None
-    log_event(log, "amd.hung_up_elsewhere", call_sid=call_sid, holder=holder, end_reason=ended)
+    args = {"answered_by": answered_by, "mode": mode}
+    reply = await state.fleet.ask(call_sid, "amd", args, state.settings.agent_connect_timeout + 5.0)
+    if reply is None or not reply.get("found"):
+        log_event(log, "amd.holder_unanswered", logging.WARNING, call_sid=call_sid, holder=holder)
     return Response(status_code=204)
+
+
+async def fleet_amd(state: AppState, call_sid: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The `amd` command another instance sends to the one holding the call."""
+    answered_by, mode = args.get("answered_by"), args.get("mode")
+    call = state.bridge.find(call_sid)
+    if call is None or answered_by not in ANSWERED_BY or mode not in ("hangup", "agent"):
+        return {"found": False}
+    await _act(state, call_sid, call, None, str(answered_by), str(mode))
+    return {"found": True}

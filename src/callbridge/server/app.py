@@ -122,6 +122,7 @@ def create_app(
     )
     bridge.stream_validator = state.check_stream
     fleet.handlers["transfer"] = functools.partial(transfers.fleet_transfer, state)
+    fleet.handlers["amd"] = functools.partial(amd.fleet_amd, state)  # a verdict another instance got
     state.postcall = postcall_of(settings, store)
     bridge.hooks.on_call_end.append(state.postcall.call_ended)  # after the record is saved
     state.registry.register(metrics.BridgeCollector(state))
