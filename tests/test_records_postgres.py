@@ -219,7 +219,7 @@ async def test_instances_starting_together_migrate_once(tmp_path: Path, pg_url: 
             versions = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
     finally:
         await engine.dispose()
-    assert versions == ["0003"]
+    assert versions == ["0004"]
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

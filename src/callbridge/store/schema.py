@@ -90,6 +90,7 @@ class CallRow(Base):
         Index("ix_calls_status", "status"),
         Index("ix_calls_started_at", "started_at"),
         Index("ix_calls_end_reason", "end_reason"),
+        Index("ix_calls_conversation_id", "conversation_id"),
     )
 
 
