@@ -20,11 +20,11 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from callbridge.call import Call, CallHooks, CallRecord
+from callbridge.call import Call, CallHooks, CallRecord, Tool
 from callbridge.config import Settings
 from callbridge.emulators.elevenlabs import (
     AgentEmulator,
@@ -36,7 +36,7 @@ from callbridge.emulators.elevenlabs import (
     WaitForUser,
 )
 from callbridge.emulators.speech import SPEECH_LINES, load_speech
-from callbridge.emulators.twilio import TwilioEmulator
+from callbridge.emulators.twilio import EmulatedCall, MediaStreamCaller, TwilioEmulator
 from callbridge.server.app import create_app
 from callbridge.server.run import GracefulServer, make_config
 from callbridge.store import CallStore
@@ -164,96 +164,136 @@ async def run_demo_interruptible(verbose: bool = False, transfer: bool = False, 
     return code
 
 
-async def run_demo(verbose: bool = False, keep: Keep | None = None) -> int:
-    out = _Printer()
-    print("callbridge demo: one offline phone call on the built-in emulators of Twilio and ElevenLabs\n")
+class DemoFailed(Exception):
+    """A demo could not run (one line for the user)."""
+
+
+@dataclass
+class DemoRun:
+    """One demo's emulators, real server and what it recorded."""
+
+    twilio: TwilioEmulator
+    agent: AgentEmulator
+    public: str
+    settings: Settings
+    out: _Printer
+    records: list[CallRecord] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    saved: dict[str, Any] | None = None  # the call's record as read back from the database
+
+    async def place_call(self) -> tuple[EmulatedCall, MediaStreamCaller]:
+        """The caller dials the clinic; Twilio posts the signed webhook; the stream connects."""
+        self.out.line(f"{CALLER} calls {CLINIC}; Twilio posts the signed webhook")
+        public = self.public
+        call = await self.twilio.place_inbound_call(
+            f"{public}/twilio/inbound", from_=CALLER, to=CLINIC, status_callback=f"{public}/twilio/status"
+        )
+        if call.stream is None:
+            raise DemoFailed(f"the call did not connect: {call.twiml_errors}")
+        self.out.line(f"media stream connected: call {call.sid}")
+        return call, call.stream
+
+
+@contextlib.asynccontextmanager
+async def demo_server(
+    out: _Printer,
+    script: AgentScript,
+    tools: dict[str, Tool] | None = None,
+    twilio_options: dict[str, Any] | None = None,
+    **settings: Any,
+) -> AsyncIterator[DemoRun]:
+    """The emulators and the real server on a fresh SQLite database in a temporary folder;
+    after the block, the call's record is read back from that database (`DemoRun.saved`)."""
     with tempfile.TemporaryDirectory(prefix="callbridge-demo-") as tmp:
         db_url = f"sqlite+aiosqlite:///{os.path.join(tmp, 'calls.db')}"
         auth_token = secrets.token_hex(16)
-        async with (
-            TwilioEmulator(account_sid=ACCOUNT_SID, auth_token=auth_token) as twilio,
-            AgentEmulator(demo_script()) as agent,
-        ):
+        options = twilio_options or {}
+        emulated_twilio = TwilioEmulator(account_sid=ACCOUNT_SID, auth_token=auth_token, **options)
+        async with emulated_twilio as twilio, AgentEmulator(script) as agent:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
             public = f"http://127.0.0.1:{port}"
-            settings = Settings(
-                twilio_account_sid=ACCOUNT_SID,
-                twilio_auth_token=auth_token,
-                twilio_api_base_url=twilio.base_url,
-                elevenlabs_agent_id="demo_dental_receptionist",
-                elevenlabs_api_base_url=agent.base_url,
-                public_url=public,
-                database_url=db_url,
-                api_token=secrets.token_hex(16),
-                max_call_seconds=120,
+            run = DemoRun(
+                twilio,
+                agent,
+                public,
+                Settings(
+                    twilio_account_sid=ACCOUNT_SID,
+                    twilio_auth_token=auth_token,
+                    twilio_api_base_url=twilio.base_url,
+                    elevenlabs_agent_id="demo_dental_receptionist",
+                    elevenlabs_api_base_url=agent.base_url,
+                    public_url=public,
+                    database_url=db_url,
+                    api_token=secrets.token_hex(16),
+                    max_call_seconds=120,
+                    **settings,
+                ),
+                out,
             )
-            records: list[CallRecord] = []
-            ended = asyncio.Event()
 
             def on_end(record: CallRecord) -> None:
-                records.append(record)
-                ended.set()
+                run.records.append(record)
+                run.ended.set()
 
             hooks = CallHooks(on_transcript=[out.transcript], on_call_end=[on_end])
-            app = create_app(settings, hooks=hooks, tools={"check_availability": check_availability})
+            app = create_app(run.settings, hooks=hooks, tools=tools)
             server = _DemoServer(make_config(app, "127.0.0.1", port), app.state.callbridge)
             serving = asyncio.ensure_future(server.serve(sockets=[sock]))
             try:
                 while not server.started:
                     if serving.done():
-                        print("callbridge demo: the server did not start", file=sys.stderr)
-                        return 1
+                        raise DemoFailed("the server did not start")
                     await asyncio.sleep(0.02)
                 print(f"  emulated Twilio REST API   {twilio.base_url}")
                 print(f"  emulated ElevenLabs agent  {agent.base_url}")
-                print(f"  callbridge server          {public}  (webhook /twilio/inbound)")
-                console_url = f"{public}/ui/#token={settings.api_token}"
-                print(f"  web console                {console_url}\n")
-                out.line(f"{CALLER} calls {CLINIC}; Twilio posts the signed webhook")
-                call = await twilio.place_inbound_call(
-                    f"{public}/twilio/inbound",
-                    from_=CALLER,
-                    to=CLINIC,
-                    status_callback=f"{public}/twilio/status",
-                )
-                stream = call.stream
-                if stream is None:
-                    print(f"callbridge demo: the call did not connect: {call.twiml_errors}", file=sys.stderr)
-                    return 1
-                out.line(f"media stream connected: call {call.sid}")
-                heard = 0
-                for agent_line, caller_line in (
-                    ("agent_greeting", "caller_hello"),
-                    ("agent_slot", "caller_confirm"),
-                ):
-                    heard += len(load_speech(agent_line))
-
-                    def line_played(target: int = heard) -> bool:
-                        return len(stream.played_audio) >= target and stream.buffered_audio_bytes == 0
-
-                    # The caller answers once the agent's line has played to the end.
-                    await stream.wait_until(line_played, timeout=30)
-                    stream.say(load_speech(caller_line))
-                await asyncio.wait_for(ended.wait(), 60)
-                await call.wait_ended(10)
-                out.line(f"Twilio call status: {call.status} ({call.end_cause})")
-                if keep is not None:
-                    await keep.serve_on(console_url)
+                yield run
             finally:
                 server.should_exit = True  # at once, no drain: also on Ctrl-C (cancelled)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(serving, 10)
                 sock.close()
-
         store = CallStore(db_url)
         try:
             await store.init()
-            saved = await store.get(records[0].call_sid or "") if records else None
+            run.saved = await store.get(run.records[0].call_sid or "") if run.records else None
         finally:
             await store.close()
 
+
+async def run_demo(verbose: bool = False, keep: Keep | None = None) -> int:
+    out = _Printer()
+    print("callbridge demo: one offline phone call on the built-in emulators of Twilio and ElevenLabs\n")
+    try:
+        async with demo_server(out, demo_script(), tools={"check_availability": check_availability}) as run:
+            public = run.public
+            print(f"  callbridge server          {public}  (webhook /twilio/inbound)")
+            console_url = f"{public}/ui/#token={run.settings.api_token}"
+            print(f"  web console                {console_url}\n")
+            call, stream = await run.place_call()
+            heard = 0
+            for agent_line, caller_line in (
+                ("agent_greeting", "caller_hello"),
+                ("agent_slot", "caller_confirm"),
+            ):
+                heard += len(load_speech(agent_line))
+
+                def line_played(target: int = heard) -> bool:
+                    return len(stream.played_audio) >= target and stream.buffered_audio_bytes == 0
+
+                # The caller answers once the agent's line has played to the end.
+                await stream.wait_until(line_played, timeout=30)
+                stream.say(load_speech(caller_line))
+            await asyncio.wait_for(run.ended.wait(), 60)
+            await call.wait_ended(10)
+            out.line(f"Twilio call status: {call.status} ({call.end_cause})")
+            if keep is not None:
+                await keep.serve_on(console_url)
+    except DemoFailed as exc:
+        print(f"callbridge demo: {exc}", file=sys.stderr)
+        return 1
+    saved = run.saved
     if saved is None:
         print("\ncallbridge demo: FAILED: no call record was saved", file=sys.stderr)
         return 1

@@ -12,17 +12,10 @@ agent session and records the call `transferred`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import secrets
-import socket
 import sys
-import tempfile
 from typing import Any
 
-from callbridge.call import CallHooks, CallRecord
-from callbridge.config import Settings
-from callbridge.demo import ACCOUNT_SID, CALLER, CLINIC, _DemoServer, _Printer
+from callbridge.demo import DemoFailed, _Printer, demo_server
 from callbridge.emulators.elevenlabs import (
     AgentEmulator,
     AgentScript,
@@ -31,10 +24,6 @@ from callbridge.emulators.elevenlabs import (
     Sleep,
     WaitForUserMessage,
 )
-from callbridge.emulators.twilio import TwilioEmulator
-from callbridge.server.app import create_app
-from callbridge.server.run import make_config
-from callbridge.store import CallStore
 from callbridge.transfer import parse_allow_list
 
 __all__ = ["run_transfer_demo"]
@@ -69,99 +58,43 @@ def transfer_script() -> AgentScript:
 async def run_transfer_demo(verbose: bool = False) -> int:
     out = _Printer()
     print("callbridge demo --transfer: keypad input and a handover to a person, on the emulators\n")
-    with tempfile.TemporaryDirectory(prefix="callbridge-demo-") as tmp:
-        db_url = f"sqlite+aiosqlite:///{os.path.join(tmp, 'calls.db')}"
-        auth_token = secrets.token_hex(16)
-        async with (
-            TwilioEmulator(account_sid=ACCOUNT_SID, auth_token=auth_token, dial_seconds=2.0) as twilio,
-            AgentEmulator(transfer_script()) as agent,
-        ):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            public = f"http://127.0.0.1:{port}"
-            settings = Settings(
-                twilio_account_sid=ACCOUNT_SID,
-                twilio_auth_token=auth_token,
-                twilio_api_base_url=twilio.base_url,
-                elevenlabs_agent_id="demo_dental_receptionist",
-                elevenlabs_api_base_url=agent.base_url,
-                public_url=public,
-                database_url=db_url,
-                api_token=secrets.token_hex(16),
-                max_call_seconds=120,
-                transfer_allow=parse_allow_list("+1555010*"),
-                dtmf_gap_seconds=3.0,
-            )
-            records: list[CallRecord] = []
-            ended = asyncio.Event()
+    options = {"dial_seconds": 2.0}
+    allow = parse_allow_list("+1555010*")
+    try:
+        async with demo_server(
+            out, transfer_script(), twilio_options=options, transfer_allow=allow, dtmf_gap_seconds=3.0
+        ) as run:
+            twilio, agent = run.twilio, run.agent
+            print(f"  callbridge server          {run.public}  (transfers allowed to +1555010*)\n")
+            call, stream = await run.place_call()
+            greeting_bytes = int(GREETING_S * 8000)
 
-            def on_end(record: CallRecord) -> None:
-                records.append(record)
-                ended.set()
+            def greeting_played() -> bool:
+                return len(stream.played_audio) >= greeting_bytes and stream.buffered_audio_bytes == 0
 
-            hooks = CallHooks(on_transcript=[out.transcript], on_call_end=[on_end])
-            app = create_app(settings, hooks=hooks)
-            server = _DemoServer(make_config(app, "127.0.0.1", port), app.state.callbridge)
-            serving = asyncio.ensure_future(server.serve(sockets=[sock]))
-            try:
-                while not server.started:
-                    if serving.done():
-                        print("callbridge demo: the server did not start", file=sys.stderr)
-                        return 1
-                    await asyncio.sleep(0.02)
-                print(f"  emulated Twilio REST API   {twilio.base_url}")
-                print(f"  emulated ElevenLabs agent  {agent.base_url}")
-                print(f"  callbridge server          {public}  (transfers allowed to +1555010*)\n")
-                out.line(f"{CALLER} calls {CLINIC}; Twilio posts the signed webhook")
-                call = await twilio.place_inbound_call(
-                    f"{public}/twilio/inbound",
-                    from_=CALLER,
-                    to=CLINIC,
-                    status_callback=f"{public}/twilio/status",
-                )
-                stream = call.stream
-                if stream is None:
-                    print(f"callbridge demo: the call did not connect: {call.twiml_errors}", file=sys.stderr)
-                    return 1
-                out.line(f"media stream connected: call {call.sid}")
-                greeting_bytes = int(GREETING_S * 8000)
-
-                def greeting_played() -> bool:
-                    return len(stream.played_audio) >= greeting_bytes and stream.buffered_audio_bytes == 0
-
-                await stream.wait_until(greeting_played, timeout=30)
-                out.line(f"caller keys in {' '.join(DIGITS)}")
-                for i, key in enumerate(DIGITS):
-                    if i:
-                        await asyncio.sleep(0.3)  # a person's pace on the keypad
-                    await stream.send_dtmf(key)
-                conv = await _first_conversation(agent)
-                await _wait(lambda: bool(conv.user_messages()), 10)
-                out.line(f"agent received user_message: {conv.user_messages()[0]!r}")
-                await _wait(lambda: bool(conv.tool_calls), 20)
-                out.line(f"agent calls transfer_call {conv.tool_calls[0]['parameters']}")
-                await asyncio.wait_for(ended.wait(), 60)
-                redirect_at = _redirect_time(twilio, call.sid)
-                if redirect_at is not None:
-                    dial = call.dials[0] if call.dials else None
-                    shown = f"{dial.target} (callerId {dial.caller_id})" if dial else "nothing"
-                    out.line(f"Twilio REST redirect: <Dial> {shown}")
-                await call.wait_ended(15)
-                out.line(f"Twilio call status: {call.status} ({call.end_cause}, then {call.end_detail})")
-            finally:
-                server.should_exit = True
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(serving, 10)
-                sock.close()
-
-        store = CallStore(db_url)
-        try:
-            await store.init()
-            saved = await store.get(records[0].call_sid or "") if records else None
-        finally:
-            await store.close()
-
+            await stream.wait_until(greeting_played, timeout=30)
+            out.line(f"caller keys in {' '.join(DIGITS)}")
+            for i, key in enumerate(DIGITS):
+                if i:
+                    await asyncio.sleep(0.3)  # a person's pace on the keypad
+                await stream.send_dtmf(key)
+            conv = await _first_conversation(agent)
+            await _wait(lambda: bool(conv.user_messages()), 10)
+            out.line(f"agent received user_message: {conv.user_messages()[0]!r}")
+            await _wait(lambda: bool(conv.tool_calls), 20)
+            out.line(f"agent calls transfer_call {conv.tool_calls[0]['parameters']}")
+            await asyncio.wait_for(run.ended.wait(), 60)
+            redirect_at = _redirect_time(twilio, call.sid)
+            if redirect_at is not None:
+                dial = call.dials[0] if call.dials else None
+                shown = f"{dial.target} (callerId {dial.caller_id})" if dial else "nothing"
+                out.line(f"Twilio REST redirect: <Dial> {shown}")
+            await call.wait_ended(15)
+            out.line(f"Twilio call status: {call.status} ({call.end_cause}, then {call.end_detail})")
+    except DemoFailed as exc:
+        print(f"callbridge demo: {exc}", file=sys.stderr)
+        return 1
+    saved = run.saved
     if saved is None:
         print("\ncallbridge demo: FAILED: no call record was saved", file=sys.stderr)
         return 1
