@@ -453,3 +453,47 @@ async def test_a_transfer_through_another_instance_runs_on_the_holder(pg_url: st
         await wait_until(lambda: bool(twilio.calls[call.sid].dials), 10, "Twilio dialled the desk")
         assert [d.target for d in twilio.calls[call.sid].dials] == [desk]
         assert b.records == []
+
+
+async def test_a_reconciliation_that_fails_is_taken_up_again(pg_url: str) -> None:
+    """Instance a stops renewing (its heartbeat stopped: as good as dead) with a call ringing;
+    b claims it, and its first attempt fails (Twilio's API raises); b's next heartbeat goes on
+    with its own claim rather than leaving the run claimed and its call open for ever."""
+    short = {"instance_lease_seconds": LEASE}
+    async with (
+        TwilioEmulator(answer_delay=60.0) as twilio,
+        AgentEmulator(talkative()) as agent,
+        running_server(settings_for(twilio, agent, pg_url, instance_id="a", **short)) as a,
+        running_server(settings_for(twilio, agent, pg_url, instance_id="b", **short)) as b,
+    ):
+        control = b.state.control
+        real_fetch = control.fetch_status
+        failures: list[str] = []
+
+        async def fetch_failing_once(call_sid: str) -> str | None:
+            if not failures:
+                failures.append(call_sid)
+                raise RuntimeError("injected: the first fetch fails")
+            return await real_fetch(call_sid)
+
+        control.fetch_status = fetch_failing_once  # type: ignore[method-assign]
+        resp = await a.api.post("/calls", json={"to": "+15550003333", "from": "+15550004444"})
+        ringing = resp.json()["call_sid"]
+        assert a.state.fleet is not None and b.state.fleet is not None
+        await a.state.fleet.stop()  # a's lease is no longer renewed
+
+        async def closed() -> bool:
+            record = await b.state.store.get(ringing)
+            return record is not None and record["status"] == "ended"
+
+        await wait_until_async(closed, LEASE * 5, "a's call closed by b after a failed first attempt")
+        record = await b.state.store.get(ringing)
+        assert record is not None and record["end_reason"] == "instance_lost", record
+        assert failures == [ringing]  # the first attempt did fail
+        # The record is closed (and written) before the hang-up is asked for.
+        await wait_until(lambda: twilio.calls[ringing].status == "canceled", LEASE, "hung up at Twilio")
+
+        async def released() -> bool:
+            return await query(pg_url, "SELECT instance_id FROM instances WHERE instance_id = 'a'") == []
+
+        await wait_until_async(released, LEASE * 2, "a's lease row removed once its calls are closed")

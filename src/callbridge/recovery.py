@@ -24,6 +24,7 @@ __all__ = ["STILL_UP", "Reconciled", "reconcile"]
 log = logging.getLogger("callbridge.recovery")
 
 STILL_UP = frozenset({"queued", "ringing", "in-progress"})
+WRITE_FIRST_S = 2.0  # longest wait for the closed record to be written before the hang-up
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,12 @@ async def reconcile(
                 detail = f"{why}; the carrier had no such call"
             elif status in STILL_UP:
                 # Close the record first: the hang-up makes the carrier send a status callback,
-                # which must find the record already closed with what happened here.
+                # which must find the record already closed with what happened here. Written,
+                # not only queued: that callback may reach another instance, whose own write
+                # would otherwise land first (bounded: a database outage delays no hang-up).
                 detail = f"{why}; the carrier reported it {status}: hung up"
                 await store.close_record(call_sid, reason.value, detail)
+                await store.wait_call_written(call_sid, WRITE_FIRST_S)
                 try:
                     await control.hangup(call_sid)
                     hung_up = True

@@ -247,7 +247,7 @@ class Fleet:
                 if cutoff is not None and await self.tables.take_over(
                     self.instance_id, held.run_id, self.run_id, self.host, self.pid, self.expiry_s
                 ):
-                    self._spawn(self._reconcile_run(held, cutoff, previous_run=True))
+                    self._spawn(self._reconcile_previous_run(held, cutoff))
                     break
                 continue
             if seen is not None and held.run_id == seen.run_id and held.renewed_at != seen.renewed_at:
@@ -355,6 +355,13 @@ class Fleet:
         for lease in leases:
             if lease.instance_id == self.instance_id and lease.run_id == self.run_id:
                 continue
+            if lease.reconciled_by == self.instance_id:
+                # Claimed here and not finished (the reconciliation failed: a timeout, the
+                # database): go on with it. Its own run cannot have taken the row back meanwhile.
+                await self._reconcile_run(lease, now)
+                await self.tables.release(lease.instance_id, lease.run_id)
+                done += 1
+                continue
             gone_here = lease.host == self.host and lease.pid != self.pid and not pid_alive(lease.pid)
             stale_claim = lease.reconciled_by is not None and lease.reconciled_by not in live_ids
             if lease.reconciled_by is not None and not stale_claim:
@@ -411,10 +418,20 @@ class Fleet:
             await self._reconcile_calls(lease.instance_id, sids, why)
             self.reconciled_runs += 1
         except Exception:
-            log.exception("fleet: reconciling the calls of %s failed", lease.instance_id)
-            if previous_run:
-                return
+            log.exception("fleet: reconciling the calls of %s failed (taken up again)", lease.instance_id)
             raise
+
+    async def _reconcile_previous_run(self, lease: Lease, cutoff: datetime) -> None:
+        """This id's previous run, whose row this run took over: nobody else will close its
+        calls, so a failure is retried here until it succeeds or the process stops."""
+        delay = self.heartbeat_s
+        while not self._closed:
+            try:
+                await self._reconcile_run(lease, cutoff, previous_run=True)
+                return
+            except Exception:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.lease_s)
 
     async def _reconcile_calls(self, dead: str, sids: list[str], why: str) -> None:
         todo = []

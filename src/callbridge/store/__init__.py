@@ -232,6 +232,18 @@ class CallStore(Reads):
             return False
         return True
 
+    async def wait_call_written(self, call_sid: str, timeout: float) -> bool:
+        """Wait until the queued writes of one call are in the database (True), or `timeout`
+        passes (polled: only crash recovery and the fleet wait so, before a hang-up whose
+        status callback another instance may act on)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while call_sid in self._pending:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
     # -- writes: queued, return at once -------------------------------------------------
 
     async def save(self, record: CallRecord) -> None:
