@@ -278,6 +278,10 @@ class FakeStore:
         self.ops.append(("close", call_sid, reason, detail, force))
         self.changed.set()
 
+    async def wait_call_written(self, call_sid: str, timeout: float) -> bool:
+        self.ops.append(("written", call_sid))
+        return True
+
 
 SID = "CA" + "a" * 32
 
@@ -338,6 +342,7 @@ async def test_watchdog_hangs_up_even_when_twilio_cannot_be_read() -> None:
     assert store.ops[0] == ("placeholder", SID, "inbound", CALLER, NUMBER)
     assert store.ops[1][:3] == ("close", SID, "no_media_stream")
     assert "could not be read" in store.ops[1][3] and "hung up" in store.ops[1][3]
+    assert store.ops[2] == ("written", SID)  # waited for before the hang-up was asked for
     assert counts == {"no_media_stream": 1}
 
 

@@ -37,6 +37,7 @@ from typing import Protocol
 
 from callbridge.call import EndReason
 from callbridge.logs import call_extra, log_event
+from callbridge.recovery import WRITE_FIRST_S
 from callbridge.telephony.base import CallControl, CallControlError
 
 __all__ = ["END_STATUSES", "STILL_UP", "ExpectedCall", "RecordCloser", "StreamWatch"]
@@ -57,6 +58,8 @@ class RecordCloser(Protocol):
     async def create_placeholder(self, call_sid: str, direction: str, from_: str, to: str) -> object: ...
 
     async def close_record(self, call_sid: str, reason: str, detail: str, force: bool = False) -> object: ...
+
+    async def wait_call_written(self, call_sid: str, timeout: float) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -254,8 +257,10 @@ class StreamWatch:
 
     async def _close_then_hang_up(self, call_sid: str, entry: _Entry, status: str | None, found: str) -> None:
         # Close first: the hang-up triggers a `completed` status callback, which must find
-        # the record already closed with what happened here.
+        # the record already closed with what happened here; written, not only queued, since
+        # that callback may reach another instance (bounded: an outage delays no hang-up).
         await self._close(call_sid, f"{found}: hung up", entry.info)
+        await self.store.wait_call_written(call_sid, WRITE_FIRST_S)
         try:
             await self.control.hangup(call_sid)
         except CallControlError as exc:
