@@ -535,7 +535,7 @@ class Call:
             elif type(event) is CallerHungUp:
                 self._mark("caller.stop")
                 if self._transfer == "redirecting":
-                    # Twilio stops the stream when the redirect takes the call: the redirect's
+                    # The carrier stops the stream when the redirect takes the call: the redirect's
                     # answer says whether this was the transfer or the caller hanging up.
                     self._stop_during_redirect = True
                     continue
@@ -1006,7 +1006,7 @@ class Call:
         call_sid = self.call_sid
         action = END_POLICY[reason].phone
         if self._transfer == "redirecting":
-            # Ended (max duration, a hang-up request...) while Twilio is being asked to dial
+            # Ended (max duration, a hang-up request...) while the carrier is being asked to dial
             # the person: its answer says whether the phone leg is still ours to end.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.options.final_audio_timeout):
