@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -268,3 +269,28 @@ def short_script(seconds: float = 0.4) -> AgentScript:
         ],
         realtime_factor=float("inf"),
     )
+
+
+def start_demo(*args: str, until: str, what: str) -> tuple[subprocess.Popen[str], str]:
+    """`callbridge demo` (and `args`) in a subprocess, returned once it has printed `until`
+    (with what it printed so far); killed if it ends before, naming `what` did not happen."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "callbridge.cli", "demo", *args],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    seen = ""
+    try:
+        while until not in seen:  # bounded by the test's timeout
+            line = proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"the demo ended before {what}: {seen!r}")
+            seen += line
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc, seen

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import re
 import signal
-import subprocess
-import sys
 
 import httpx
 import pytest
 
-from tests.serverkit import clean_env
+from tests.serverkit import start_demo
 
 KEPT = "the server stays up until Ctrl-C"
 
@@ -19,21 +17,9 @@ KEPT = "the server stays up until Ctrl-C"
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_demo_keep_serves_the_console_with_the_call_until_ctrl_c() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "callbridge.cli", "demo", "--keep"],
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, seen = start_demo("--keep", until=KEPT, what="keeping its server")
     assert proc.stdout is not None
-    seen = ""
     try:
-        while KEPT not in seen:  # bounded by the test's timeout
-            line = proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"the demo ended without keeping its server: {seen!r}")
-            seen += line
         seen += proc.stdout.readline()
         urls = re.findall(r"(http://127\.0\.0\.1:\d+)/ui/#token=([0-9a-f]+)", seen)
         assert len(urls) == 2 and urls[0] == urls[1], seen  # at the start and after the call

@@ -7,39 +7,18 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.serverkit import clean_env
+from tests.serverkit import start_demo
 
 STARTED = "media stream connected"
 
 
-def start_demo() -> tuple[subprocess.Popen[str], str]:
-    """`callbridge demo` in a subprocess, returned once its call's media stream is connected
-    (with what it printed so far)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "callbridge.cli", "demo"],
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    seen = ""
-    try:
-        while STARTED not in seen:  # bounded by the test's timeout
-            line = proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"the demo ended before its call started: {seen!r}")
-            seen += line
-    except BaseException:
-        proc.kill()
-        proc.communicate()
-        raise
-    return proc, seen
+def started_demo() -> tuple[subprocess.Popen[str], str]:
+    """`callbridge demo`, returned once its call's media stream is connected."""
+    return start_demo(until=STARTED, what="its call started")
 
 
 def finish(proc: subprocess.Popen[str], seen: str) -> tuple[str, str]:
@@ -63,7 +42,7 @@ def assert_interrupted(proc: subprocess.Popen[str], out: str, err: str) -> None:
 
 @pytest.mark.timeout(60)
 def test_the_first_ctrl_c_stops_the_demo_at_once() -> None:
-    proc, seen = start_demo()
+    proc, seen = started_demo()
     pressed = time.monotonic()
     proc.send_signal(signal.SIGINT)
     out, err = finish(proc, seen)
@@ -74,7 +53,7 @@ def test_the_first_ctrl_c_stops_the_demo_at_once() -> None:
 
 @pytest.mark.timeout(60)
 def test_more_ctrl_c_while_it_stops_never_give_a_traceback() -> None:
-    proc, seen = start_demo()
+    proc, seen = started_demo()
     presses = 0
     deadline = time.monotonic() + 15
     while proc.poll() is None and time.monotonic() < deadline:
