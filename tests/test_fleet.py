@@ -197,7 +197,11 @@ async def test_killed_instance_calls_are_closed_by_a_survivor_and_a_restart_leav
         # the stop; how soon after is measured by bench/fleet_times.py, not asserted here).
         assert waited >= LEASE / 2 * 0.9, waited
         assert (await record_of(port_b, ringing_c))["end_reason"] == "instance_lost"
-        assert twilio.calls[ringing_c].status == "canceled"
+
+        async def canceled_c() -> bool:  # the record is written first, then the call is canceled
+            return twilio.calls[ringing_c].status == "canceled"
+
+        await wait_until_async(canceled_c, 5.0, "C's ringing call canceled after its record")
         c.send_signal(signal.SIGCONT)
         async with api(port_c) as http:
 
@@ -238,7 +242,8 @@ async def test_a_killed_worker_is_replaced_and_its_calls_reconciled(
             return len(pids) == 2 and owner_pid not in pids and ended[0][0] == "instance_lost"
 
         await wait_until_async(replaced_and_closed, 20, "worker replaced and its call reconciled")
-        assert twilio.calls[ringing].status == "canceled"
+        # The record is written first, then the call is canceled.
+        await wait_until(lambda: twilio.calls[ringing].status == "canceled", 5.0, "canceled at Twilio")
         pids_after = {r[0] for r in await query(pg_url, "SELECT pid FROM instances")}
         assert len(pids_after - pids_before) == 1
         # A live call on a worker when SIGTERM arrives: drained (1 s grace), then ended.

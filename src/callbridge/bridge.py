@@ -13,8 +13,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from websockets.asyncio.server import ServerConnection, serve
-
 from callbridge.agents.base import AgentCallContext, AgentSession
 from callbridge.call import (
     Call,
@@ -30,7 +28,8 @@ from callbridge.call import (
 from callbridge.logs import log_event
 from callbridge.telephony.base import CallControl, StreamInfo, TelephonyLeg
 from callbridge.telephony.twilio.stream import StreamValidator, TwilioMediaStream
-from callbridge.transport import MessageSocket, WebsocketsSocket
+from callbridge.transport import MessageSocket
+from callbridge.wsserver import ServerSocket, serve
 
 __all__ = ["Bridge", "BridgeStats"]
 
@@ -186,12 +185,14 @@ class Bridge:
 
     @contextlib.asynccontextmanager
     async def serve_websockets(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-        """A bare `websockets` server for media streams (tests, benchmarks); yields its ws:// URL."""
+        """A bare WebSocket server for media streams (tests, benchmarks); yields its ws:// URL."""
 
-        async def handler(conn: ServerConnection) -> None:
-            await self.handle_media_stream(WebsocketsSocket(conn, self.options.close_timeout))
+        async def handler(sock: ServerSocket) -> None:
+            await self.handle_media_stream(sock)
 
-        async with serve(handler, host, port, compression=None, max_size=MAX_MEDIA_STREAM_MESSAGE) as server:
+        async with serve(
+            handler, host, port, max_size=MAX_MEDIA_STREAM_MESSAGE, close_timeout=self.options.close_timeout
+        ) as server:
             sock = next(iter(server.sockets))
             bound_host, bound_port = sock.getsockname()[:2]
             shown = f"[{bound_host}]" if ":" in bound_host else bound_host

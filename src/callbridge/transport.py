@@ -1,19 +1,23 @@
 """The one thing adapters need from a server-side WebSocket: text frames in and out.
 
-The media-stream route may run on uvicorn/Starlette (the server) or on a plain
-`websockets` server (tests, benchmarks); both are wrapped to `MessageSocket`.
+The media-stream route runs on `wsserver.ServerSocket` (under uvicorn, or on its own
+listening socket for the library, tests and benchmarks); a Starlette WebSocket is wrapped
+to the same interface (webhooks.py) for an app served another way.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+from collections.abc import Sequence
 from typing import Protocol
 
-from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 
-__all__ = ["MessageSocket", "SocketClosed", "WebsocketsSocket"]
+__all__ = ["DIRECT_SOCKET", "DirectSocket", "MessageSocket", "SocketClosed", "closed_from"]
+
+# The ASGI scope extension under which a server offers its connection itself
+# (`wsserver.ServerSocket`) instead of ASGI messages: server/wsroute.py sets it, the
+# media-stream route uses it when present.
+DIRECT_SOCKET = "callbridge.socket"
 
 
 class SocketClosed(Exception):
@@ -34,8 +38,18 @@ class MessageSocket(Protocol):
         """Send a text frame; raises `SocketClosed` if the connection is over."""
         ...
 
+    async def send_many(self, texts: Sequence[str]) -> None:
+        """Send text frames in order, in one write where the socket can."""
+        ...
+
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close if open; idempotent; never raises."""
+        ...
+
+
+class DirectSocket(MessageSocket, Protocol):
+    def accept(self) -> None:
+        """Answer the upgrade request (101): the connection is open."""
         ...
 
 
@@ -47,33 +61,3 @@ def closed_from(exc: ConnectionClosed) -> SocketClosed:
         # We closed first and the peer never answered: report our own code.
         return SocketClosed(exc.sent.code, exc.sent.reason)
     return SocketClosed(None, "connection lost")
-
-
-class WebsocketsSocket:
-    """`MessageSocket` over a `websockets` (new asyncio API) connection."""
-
-    def __init__(self, connection: Connection, close_timeout: float = 2.0) -> None:
-        self._conn = connection
-        self._close_timeout = close_timeout
-
-    async def receive(self) -> str | bytes:
-        try:
-            return await self._conn.recv()
-        except ConnectionClosed as exc:
-            raise closed_from(exc) from None
-
-    async def send(self, text: str) -> None:
-        try:
-            await self._conn.send(text)
-        except ConnectionClosed as exc:
-            raise closed_from(exc) from None
-
-    async def close(self, code: int = 1000, reason: str = "") -> None:
-        try:
-            await asyncio.wait_for(self._conn.close(code, reason), self._close_timeout)
-        except (TimeoutError, OSError, ConnectionClosed):
-            pass
-        finally:
-            # After a clean close this is a no-op; after a timeout it frees the socket now.
-            with contextlib.suppress(Exception):
-                self._conn.transport.abort()

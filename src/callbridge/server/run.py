@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 import signal
 import socket
 import time
@@ -24,17 +25,24 @@ from starlette.applications import Starlette
 
 from callbridge.logs import bind_call, log_event
 from callbridge.server.state import AppState
+from callbridge.server.wsroute import LeanWebSocketProtocol
 
 __all__ = ["GracefulServer", "make_config"]
 
 log = logging.getLogger("callbridge.server")
 
 
+# The media stream on callbridge's own WebSocket path (server/wsroute.py); set
+# CALLBRIDGE_WS_PROTOCOL=uvicorn to serve it, like every other route, on uvicorn's own.
+WS_PROTOCOL: Any = (
+    "websockets-sansio" if os.environ.get("CALLBRIDGE_WS_PROTOCOL") == "uvicorn" else LeanWebSocketProtocol
+)
+
 # uvicorn's options for callbridge, one process or gunicorn workers (server/workers.py).
 UVICORN_OPTIONS: dict[str, Any] = {
     "access_log": False,
     "lifespan": "on",
-    "ws": "websockets-sansio",
+    "ws": WS_PROTOCOL,
     "ws_max_size": 64 * 1024,  # Twilio frames are ~300 bytes; refuse anything absurd
     "ws_per_message_deflate": False,
     "proxy_headers": True,

@@ -116,8 +116,7 @@ class TwilioMediaStream:
             b64 = base64.b64encode(ulaw).decode("ascii")
         mark_frame, _ = self.protocol.mark()
         try:
-            await self._socket.send(self.protocol.media(b64))
-            await self._socket.send(mark_frame)
+            await self._socket.send_many((self.protocol.media(b64), mark_frame))
         except SocketClosed:
             self._open = False
         self.media_sent += 1

@@ -5,7 +5,8 @@
   server takes no more calls;
 - `POST /twilio/status` (status callbacks);
 - `WS /twilio/media-stream`: the upgrade's signature is checked, then the socket
-  (`StarletteSocket`) goes to the bridge.
+  goes to the bridge: the server's own connection when it offers one (the
+  `DIRECT_SOCKET` scope extension, server/wsroute.py), else `StarletteSocket`.
 
 Every request is checked with the SDK's `RequestValidator` (`TwilioSignatures`)
 against the URL Twilio signed: `CALLBRIDGE_PUBLIC_URL` + path + query for the
@@ -25,7 +26,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
@@ -36,7 +37,7 @@ from twilio.request_validator import RequestValidator
 
 from callbridge.logs import log_event
 from callbridge.telephony.twilio.twiml import connect_twiml
-from callbridge.transport import MessageSocket, SocketClosed
+from callbridge.transport import DIRECT_SOCKET, DirectSocket, MessageSocket, SocketClosed
 
 __all__ = [
     "BUSY_TWIML",
@@ -275,17 +276,22 @@ async def media_stream(ws: WebSocket) -> None:
     host = host_of(ws)
     url = signed_url(ws, host.stream_url.rsplit(MEDIA_STREAM_PATH, 1)[0])
     signature = ws.headers.get("x-twilio-signature")
-    await ws.accept()
+    socket: MessageSocket
+    direct: DirectSocket | None = ws.scope.get("extensions", {}).get(DIRECT_SOCKET)
+    if direct is not None:  # the server's own connection (server/wsroute.py): no ASGI messages
+        direct.accept()
+        socket = direct
+    else:
+        await ws.accept()
+        socket = StarletteSocket(ws)
     if not host.signatures.valid(url, {}, signature):
         host.signatures.refused(MEDIA_STREAM_PATH, url, signature)
-        with contextlib.suppress(Exception):
-            await ws.close(1008, "invalid signature")
+        await socket.close(1008, "invalid signature")
         return
     if not host.accepting:
-        with contextlib.suppress(Exception):
-            await ws.close(1013, "shutting down")
+        await socket.close(1013, "shutting down")
         return
-    await host.take_stream(StarletteSocket(ws))
+    await host.take_stream(socket)
 
 
 class StarletteSocket:
@@ -318,6 +324,10 @@ class StarletteSocket:
         except (WebSocketDisconnect, RuntimeError, OSError) as exc:
             self._closed = True
             raise SocketClosed(None, repr(exc)) from None
+
+    async def send_many(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            await self.send(text)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         if self._closed:
