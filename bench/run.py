@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -424,7 +425,7 @@ def run_one(
         sut_env["PYTHONPATH"] = scratch
     sut_env.update(system.env)
     argv = list(system.argv)
-    if system.name == "callbridge-app":
+    if system.name.startswith("callbridge-app"):
         from common import ACCOUNT_SID, AUTH_TOKEN
 
         sut_env.update(
@@ -831,6 +832,13 @@ def main() -> int:
         "100 ms, each followed by a mark); callers send 20 ms frames in both",
     )
     p.add_argument("--py-spy", default=None, help="py-spy the SUT during the window (one system, one N)")
+    p.add_argument(
+        "--base",
+        default=None,
+        metavar="REF",
+        help="A/B: also run `callbridge-app-base`, `callbridge serve` with src/ as of this git commit "
+        "(a scratch copy shadows the installed package), interleaved with the others",
+    )
     args = p.parse_args()
     if args.render is not None:
         rendered: dict[str, Any] = json.loads(args.render.read_text())
@@ -845,6 +853,24 @@ def main() -> int:
     else:
         names, counts, steady = args.systems.split(","), [int(x) for x in args.calls.split(",")], args.steady
     table = systems()
+    if args.base is not None:
+        (BENCH / "results" / "tmp").mkdir(parents=True, exist_ok=True)
+        base_src = Path(tempfile.mkdtemp(prefix="cb-base-", dir=str(BENCH / "results" / "tmp")))
+        archive = subprocess.run(
+            ["git", "-C", str(BENCH.parent), "archive", args.base, "src"], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(base_src)], input=archive, check=True)
+        app = table["callbridge-app"]
+        table["callbridge-app-base"] = dataclasses.replace(
+            app,
+            name="callbridge-app-base",
+            label=f"callbridge server at {args.base}",
+            env={**app.env, "PYTHONPATH": str(base_src / "src")},
+            note=f"as callbridge-app, with src/ of {args.base}",
+        )
+        if "callbridge-app-base" not in names:
+            at = names.index("callbridge-app") + 1 if "callbridge-app" in names else 0
+            names.insert(at, "callbridge-app-base")
     chosen = [table[n] for n in names]
     missing = [s.name for s in chosen if s.peers and not Path(PEERS_PY).exists()]
     if missing:
