@@ -231,13 +231,6 @@ async def test_a_fragmented_message_is_whole_and_frames_after_it_still_arrive(st
         assert (await rec.until_got(6))[-1] == "later"
 
 
-# The known bug (wsconn.py _process/_message): see the report in the xfail reason.
-SLOW_UTF8 = pytest.mark.xfail(
-    strict=True,
-    reason="wsconn.py:317-360: after a text message fails UTF-8 in slow mode (protocol.fail 1007), "
-    "the frames the library had already parsed from the same read still reach recv()",
-)
-
 BAD = [
     pytest.param(frame(b"ok\xff\xfe"), 1007, id="invalid-utf8"),
     pytest.param(frame(b"cut \xe2\x82"), 1007, id="utf8-cut-short"),
@@ -252,10 +245,8 @@ BAD = [
     pytest.param(frame("p", 0x9, fin=False), 1002, id="fragmented-ping"),
     pytest.param(frame(b"\x03", 0x8), 1002, id="close-one-byte"),
     pytest.param(frame("x" * 100, fin=False) + frame("y" * 901, 0x0), 1009, id="fragments-over-max-size"),
-    pytest.param(frame(b"\xe2", fin=False) + frame(b"\xff", 0x0), 1007, id="frag-bad-utf8", marks=SLOW_UTF8),
-    pytest.param(
-        frame("a", fin=False) + frame("b", 0x0) + frame(b"\xff"), 1007, id="slow-bad-utf8", marks=SLOW_UTF8
-    ),
+    pytest.param(frame(b"\xe2", fin=False) + frame(b"\xff", 0x0), 1007, id="frag-bad-utf8"),
+    pytest.param(frame("a", fin=False) + frame("b", 0x0) + frame(b"\xff"), 1007, id="slow-bad-utf8"),
 ]
 
 

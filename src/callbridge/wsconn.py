@@ -115,6 +115,7 @@ class WSConnection(asyncio.Protocol):
         self._handshake.add_done_callback(_retrieve)
         self._lost: asyncio.Future[None] = self._loop.create_future()
         self._fast = False  # frames parsed here (True once open) or all by the library
+        self._failed = False  # we failed the connection: nothing more is delivered
         self._buf = b""
         self._reading_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -328,6 +329,8 @@ class WSConnection(asyncio.Protocol):
         """The peer's side of the opening handshake (a subclass acts on it)."""
 
     def _frame(self, frame: Frame) -> None:
+        if self._failed:
+            return  # frames parsed after the one that failed the connection (RFC 6455 7.1.7)
         op = frame.opcode
         if op is Opcode.TEXT or op is Opcode.BINARY:
             if frame.fin:
@@ -357,6 +360,7 @@ class WSConnection(asyncio.Protocol):
         try:
             text = bytes(data).decode()
         except UnicodeDecodeError:
+            self._failed = True
             self.protocol.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
             return
         self._messages.append(text)
