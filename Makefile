@@ -4,7 +4,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The same venv with the project's `bench` extra (orjson, for the aiohttp floor, which runs on
 # the project's own aiohttp and uvloop): `make bench` and the bench smoke tests in test-all.
-BENCH_STAMP := $(VENV)/.installed-bench
 
 .PHONY: install test test-all test-postgres lint demo demo-transfer doctor-demo fleet clean
 
@@ -44,7 +43,7 @@ test: lint
 
 # Everything (CI, .ci/run): lint, the whole suite on SQLite (soak smoke and bench smoke
 # included), then every test marked `database` on PostgreSQL.
-test-all: lint $(BENCH_STAMP)
+test-all: lint
 	scripts/ensure-postgres.sh
 	scripts/ensure-caddy.sh
 	scripts/ensure-chromium.sh
@@ -90,11 +89,7 @@ $(PEERS)/.installed: bench/requirements-peers.txt
 
 bench-peers: $(PEERS)/.installed
 
-$(BENCH_STAMP): pyproject.toml $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
-	touch $@
-
-bench: $(BENCH_STAMP) $(PEERS)/.installed
+bench: $(STAMP) $(PEERS)/.installed
 	$(BIN)/python bench/run.py
 
 bench-smoke: $(STAMP)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -542,6 +543,11 @@ def as_event_id(value: Any) -> int | None:
 
 
 def decoded(frame: str | bytes) -> Any:
+    """The frame as the bridge reads it (wire.py: orjson, then the standard library)."""
+    try:
+        return orjson.loads(frame)
+    except ValueError:
+        pass
     try:
         return json.loads(frame)
     except (ValueError, RecursionError):
@@ -675,13 +681,36 @@ def test_agent_unknown_event_types_are_bounded_warnings(kind: Any) -> None:
     assert isinstance(event, AgentWarning) and 0 < len(event.reason) <= MAX_REASON
 
 
+# The integers orjson reads as integers (wider ones it reads as floats).
+JSON_INT = st.integers(-(2**63), 2**64 - 1)
+
+
 @FUZZ
-@given(event_id=st.integers(), as_string=st.booleans(), ping_ms=st.one_of(st.none(), st.integers()))
-def test_any_ping_gets_a_pong_with_its_event_id(event_id: int, as_string: bool, ping_ms: int | None) -> None:
+@given(
+    event_id=st.integers(),
+    as_string=st.booleans(),
+    ping_ms=st.one_of(st.none(), st.integers()),
+    data=st.data(),
+)
+def test_any_ping_gets_a_pong_with_its_event_id(
+    event_id: int, as_string: bool, ping_ms: int | None, data: st.DataObject
+) -> None:
+    # As a JSON number, an event_id is in orjson's integer range (wire.py reads JSON with
+    # orjson, which reads wider integers as floats: refused below); as a string, any size.
+    if not as_string:
+        event_id = data.draw(JSON_INT)
     p = ElevenLabsProtocol()
     sent: Any = str(event_id) if as_string else event_id
     assert p.receive(json.dumps(el_message("ping", {"event_id": sent, "ping_ms": ping_ms}))) is None
     assert [json.loads(f) for f in p.outbox] == [{"type": "pong", "event_id": event_id}]
+
+
+@pytest.mark.parametrize("event_id", [2**64, -(2**63) - 1, 10**30])
+def test_a_ping_whose_event_id_number_is_past_64_bits_gets_a_warning_and_no_pong(event_id: int) -> None:
+    p = ElevenLabsProtocol()
+    event = p.receive(json.dumps(el_message("ping", {"event_id": event_id})))
+    assert isinstance(event, AgentWarning) and "event_id" in event.reason
+    assert p.outbox == []
 
 
 @FUZZ
@@ -708,7 +737,7 @@ def test_audio_at_or_below_the_last_interruption_is_dropped(ops: list[tuple[str,
     assert (p.last_interrupt_id, p.stale_audio_dropped) == (last, dropped)
 
 
-@pytest.mark.parametrize("depth", [50, 900, 990, 1500, 100_000])
+@pytest.mark.parametrize("depth", [50, 900, 990, 1020, 1500, 100_000])
 def test_deeply_nested_json_in_every_field_is_harmless(depth: int) -> None:
     nested = "[" * depth + "]" * depth
     agent = ElevenLabsProtocol()

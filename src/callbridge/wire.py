@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
 __all__ = ["decode_object", "describe", "shorten"]
 
 
@@ -27,11 +29,18 @@ def decode_object(frame: str | bytes, peer: str) -> dict[str, Any] | str:
     if isinstance(frame, bytes):
         return f"binary frame of {len(frame)} bytes ({peer} sends JSON text)"
     try:
-        msg = json.loads(frame)
-    except (ValueError, RecursionError):
-        # ValueError, not only JSONDecodeError: an integer literal over 4300 digits is valid
-        # JSON that Python refuses to convert (int_max_str_digits).
-        return f"malformed JSON from {peer}: {shorten(frame)}"
+        # orjson: a few times faster than the standard library's, on the 50 messages a second
+        # of each call. What it refuses and the standard library reads (NaN, integers past 64
+        # bits, nesting past its depth limit) is read again by the standard library, so the
+        # bridge accepts exactly what it did before; only odd input pays for two parses.
+        msg = orjson.loads(frame)
+    except ValueError:
+        try:
+            msg = json.loads(frame)
+        except (ValueError, RecursionError):
+            # ValueError, not only JSONDecodeError: an integer literal over 4300 digits is
+            # valid JSON that Python refuses to convert (int_max_str_digits).
+            return f"malformed JSON from {peer}: {shorten(frame)}"
     if not isinstance(msg, dict):
         return f"{peer} message is not a JSON object: {shorten(frame)}"
     return msg

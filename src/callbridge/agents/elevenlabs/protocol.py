@@ -266,15 +266,15 @@ class ElevenLabsProtocol:
 
     def _on_agent_tool_response(self, msg: dict[str, Any]) -> AgentEvent:
         body = self._body(msg, "agent_tool_response")
-        name = str(body.get("tool_name", ""))
+        name = _label(body.get("tool_name", ""))
         is_error = bool(body.get("is_error", False))
         ends_call = name == "end_call" and not is_error
         if ends_call:
             self.end_call_seen = True
         return AgentToolUsed(
             name=name,
-            call_id=str(body.get("tool_call_id", "")),
-            tool_type=str(body.get("tool_type", "")),
+            call_id=_label(body.get("tool_call_id", "")),
+            tool_type=_label(body.get("tool_type", "")),
             is_error=is_error,
             ends_call=ends_call,
         )
@@ -295,6 +295,12 @@ class ElevenLabsProtocol:
             f"agent error event: code={self.last_error.code} "
             f"type={self.last_error.error_type} {self.last_error.message}".rstrip()
         )
+
+
+def _label(value: Any) -> str:
+    """A name or id from the agent as text: scalars as they are, containers by type only
+    (`str()` of a deeply nested list from a peer raises RecursionError)."""
+    return value if isinstance(value, str) else describe(value)
 
 
 _HANDLERS: dict[str, Any] = {
