@@ -15,7 +15,7 @@ from callbridge.config import ConfigError, Settings
 from callbridge.emulators.elevenlabs import AgentEmulator, AgentScript, EndCall, Say
 from callbridge.emulators.speech import load_speech
 from callbridge.emulators.twilio import TwilioEmulator, twilio_signature
-from tests.serverkit import running_server, settings_for, short_script
+from tests.serverkit import running_server, settings_for, short_script, wait_until
 
 FAST = float("inf")
 
@@ -402,3 +402,35 @@ def test_settings_report_every_problem_at_once() -> None:
     assert ok.stream_url() == "wss://bridge.example.com/twilio/media-stream"
     assert ok.database_url == "postgresql+asyncpg://u:p@db/calls"
     assert "secret-token-value" not in repr(ok)
+
+
+@pytest.mark.parametrize(
+    ("ws_protocol", "socket_class"), [("", "LeanWebSocketProtocol"), ("uvicorn", "StarletteSocket")]
+)
+async def test_the_media_stream_runs_on_callbridge_s_connection_or_on_uvicorn_s(
+    twilio: TwilioEmulator, db_url: str, monkeypatch: pytest.MonkeyPatch, ws_protocol: str, socket_class: str
+) -> None:
+    """By default the media stream is served on callbridge's own connection (server/wsroute.py);
+    `CALLBRIDGE_WS_PROTOCOL=uvicorn` serves it through Starlette on uvicorn's. Either way the
+    caller hears the goodbye, then is hung up, and the call is recorded."""
+    monkeypatch.setenv("CALLBRIDGE_WS_PROTOCOL", ws_protocol)
+    async with AgentEmulator(short_script()) as agent:
+        async with running_server(settings_for(twilio, agent, db_url)) as srv:
+            call = await twilio.place_inbound_call(
+                f"{srv.url}/twilio/inbound", audio=load_speech("caller_hello")
+            )
+            served_on: list[str] = []
+
+            def live() -> bool:
+                calls = list(srv.state.bridge.calls.values())
+                served_on.extend(type(c.telephony._socket).__name__ for c in calls[:1])  # type: ignore[attr-defined]
+                return bool(served_on)
+
+            await wait_until(live, 10, "the call live on the bridge")
+            await srv.wait_records(1)
+            await call.wait_ended(5)
+            record = await srv.call_record(call.sid)
+    assert served_on[0] == socket_class
+    assert record["end_reason"] == "agent_ended" and call.status == "completed"
+    assert [e["text"] for e in record["transcript"]] == ["Hello!", "Goodbye!"]
+    assert record["metrics"]["hangup_latency_ms"] is not None  # hung up after the goodbye's last mark

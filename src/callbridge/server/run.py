@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import os
 import signal
 import socket
 import time
@@ -32,17 +31,13 @@ __all__ = ["GracefulServer", "make_config"]
 log = logging.getLogger("callbridge.server")
 
 
-# The media stream on callbridge's own WebSocket path (server/wsroute.py); set
-# CALLBRIDGE_WS_PROTOCOL=uvicorn to serve it, like every other route, on uvicorn's own.
-WS_PROTOCOL: Any = (
-    "websockets-sansio" if os.environ.get("CALLBRIDGE_WS_PROTOCOL") == "uvicorn" else LeanWebSocketProtocol
-)
-
 # uvicorn's options for callbridge, one process or gunicorn workers (server/workers.py).
 UVICORN_OPTIONS: dict[str, Any] = {
     "access_log": False,
     "lifespan": "on",
-    "ws": WS_PROTOCOL,
+    # The media stream on callbridge's own WebSocket connection, the rest on uvicorn's
+    # websockets-sansio (server/wsroute.py; CALLBRIDGE_WS_PROTOCOL=uvicorn: all on uvicorn's).
+    "ws": LeanWebSocketProtocol,
     "ws_max_size": 64 * 1024,  # Twilio frames are ~300 bytes; refuse anything absurd
     "ws_per_message_deflate": False,
     "proxy_headers": True,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Any
 from urllib.parse import unquote
 
@@ -42,6 +43,9 @@ log = logging.getLogger("callbridge.server")
 
 # The WebSocket routes served on `ServerSocket`; the rest on uvicorn's own protocol.
 LEAN_PATHS = frozenset({MEDIA_STREAM_PATH})
+# `CALLBRIDGE_WS_PROTOCOL=uvicorn`: every WebSocket route on uvicorn's own protocol (the
+# media stream through Starlette's WebSocket, as before issue 17): a fallback, and the A/B.
+FALLBACK_ENV = "CALLBRIDGE_WS_PROTOCOL"
 # How long a close waits for the peer's answer before the TCP connection is dropped.
 CLOSE_TIMEOUT_S = 2.0
 
@@ -87,7 +91,7 @@ class LeanWebSocketProtocol(ServerSocket):
             return
         if not self._routed:
             self._routed = True
-            if _request_path(data) not in LEAN_PATHS:
+            if _request_path(data) not in LEAN_PATHS or os.environ.get(FALLBACK_ENV) == "uvicorn":
                 self._delegate = WebSocketsSansIOProtocol(
                     config=self.config, server_state=self.server_state, app_state=self.app_state
                 )
