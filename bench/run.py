@@ -674,15 +674,14 @@ def floor_of(rows: list[dict[str, Any]]) -> str:
 
 
 def vs_floor(r: dict[str, Any], rows: list[dict[str, Any]]) -> float | None:
-    """CPU per call-minute of a point over the floor's at the same N (the first such point of the
-    floor at or before it in the run: interleaved, the same minute)."""
+    """CPU per call-minute of a point over the floor's at the same N: the floor's point of that
+    N nearest to it in the run (the same interleaved round, the same minute), before or after."""
     floor = floor_of(rows)
     at = next((i for i, x in enumerate(rows) if x is r), len(rows))
     mine = [
         (i, x) for i, x in enumerate(rows) if x["system"] == floor and x["calls"] == r["calls"] and "up" in x
     ]
-    before = [x for i, x in mine if i <= at]
-    ref = (before or [x for _, x in mine])[-1] if mine else None
+    ref = min(mine, key=lambda ix: (abs(ix[0] - at), ix[0]))[1] if mine else None
     if ref is None or not ref["cpu_ms_per_call_minute"] or "cpu_ms_per_call_minute" not in r:
         return None
     return round(r["cpu_ms_per_call_minute"] / ref["cpu_ms_per_call_minute"], 2)
