@@ -232,11 +232,7 @@ class WSConnection(asyncio.Protocol):
     def _go_slow(self) -> None:
         """Hand what is buffered, and everything after it, to the library."""
         if self._fast:
-            self._fast = False
-            buf, self._buf = self._buf, b""
-            if buf:
-                self.protocol.receive_data(buf)
-                self._process()
+            self._slow_from(self._buf, 0)
 
     def _parse(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
@@ -274,10 +270,7 @@ class WSConnection(asyncio.Protocol):
                     try:
                         self._messages.append(payload.decode())
                     except UnicodeDecodeError:
-                        self._fast = False
-                        self._buf = b""
-                        self.protocol.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
-                        self._flush()
+                        self._invalid_utf8()
                         return
                 else:
                     self._messages.append(self._binary(payload))
@@ -289,11 +282,7 @@ class WSConnection(asyncio.Protocol):
                 self.protocol.receive_data(buf[pos:end])
                 self._process()
                 if self.protocol.state is not State.OPEN:
-                    self._fast = False
-                    self._buf = b""
-                    if end < n:
-                        self.protocol.receive_data(buf[end:])
-                        self._process()
+                    self._slow_from(buf, end)  # closing: the rest is the library's
                     return
             else:
                 self._slow_from(buf, pos)  # fragments, reserved bits, bad opcodes
@@ -305,12 +294,21 @@ class WSConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _slow_from(self, buf: bytes, pos: int) -> None:
+        """From `buf[pos:]` on, every byte goes to the library."""
         self._fast = False
         self._buf = b""
-        if len(self._messages):
-            self._wake()
-        self.protocol.receive_data(buf[pos:])
-        self._process()
+        if pos < len(buf):
+            self.protocol.receive_data(buf[pos:])
+            self._process()
+
+    def _invalid_utf8(self) -> None:
+        """A text message that is not UTF-8 fails the connection (1007), in either mode, and
+        nothing received after it is delivered (RFC 6455 7.1.7)."""
+        self._failed = True
+        self._fast = False
+        self._buf = b""
+        self.protocol.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
+        self._flush()
 
     # -- the library's events ----------------------------------------------------------
 
@@ -360,8 +358,7 @@ class WSConnection(asyncio.Protocol):
         try:
             text = bytes(data).decode()
         except UnicodeDecodeError:
-            self._failed = True
-            self.protocol.fail(CloseCode.INVALID_DATA, "invalid UTF-8 in a text message")
+            self._invalid_utf8()
             return
         self._messages.append(text)
         self._wake()
