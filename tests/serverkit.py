@@ -162,14 +162,17 @@ async def running_server(
         sock.close()
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds."""
+async def wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.02
+) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `timeout` seconds.
+    `interval=0` only yields to the loop between checks (for waits on this very loop)."""
     try:
         async with asyncio.timeout(timeout):
             while True:
                 if predicate():
                     return
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(interval)
     except TimeoutError:
         raise AssertionError(f"not within {timeout} s: {what}") from None
 

@@ -36,18 +36,6 @@ def frame(data: bytes | str, op: int = 0x1, *, fin: bool = True, masked: bool = 
     return head + KEY + bytes(b ^ KEY[i % 4] for i, b in enumerate(payload))
 
 
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    """Yield to the loop (server and client share it) until `predicate` holds."""
-    try:
-        async with asyncio.timeout(T):
-            while True:
-                if predicate():
-                    return
-                await asyncio.sleep(0)
-    except TimeoutError:
-        raise AssertionError(f"not within {T} s: {what}") from None
-
-
 class Recorder:
     """A handler: records every message the server receives, and how receive() ended."""
 
@@ -118,7 +106,7 @@ class Raw:
                 accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
                 assert b"Sec-WebSocket-Accept: " + accept in raw.head
                 if rec is not None:
-                    await until(lambda: rec.sock is not None, "the handler started")
+                    await wait_until(lambda: rec.sock is not None, T, "the handler started", interval=0)
                     raw.sent = rec.nbytes
             yield raw
         finally:
@@ -134,7 +122,9 @@ class Raw:
             await self.writer.drain()
             self.sent += len(piece)
             if step and self.rec is not None:
-                await until(lambda rec=self.rec, n=self.sent: rec.nbytes >= n, "the server read it")
+                await wait_until(
+                    lambda rec=self.rec, n=self.sent: rec.nbytes >= n, T, "the server read it", interval=0
+                )
 
     async def frame(self) -> tuple[int, bytes]:
         """The next server frame: (first byte, payload). Server frames are never masked."""
