@@ -56,13 +56,21 @@ def failed(checks: list[Check]) -> list[str]:
     return [c.name for c in checks if c.status == "fail"]
 
 
+async def doctor_on_a_connected_server(
+    twilio: TwilioEmulator, agent: AgentEmulator, tmp_path: Path, **change: Any
+) -> list[Check]:
+    """`doctor` against a running server whose number points at it; `change`: the settings
+    doctor is run with instead of the server's."""
+    async with running_server(doctor_settings(twilio, agent, tmp_path)) as srv:
+        connect_here(twilio, srv.settings)
+        return await run_doctor(replace(srv.settings, **change))
+
+
 async def test_a_well_configured_deployment_has_no_failure(
     twilio: TwilioEmulator, agent: AgentEmulator, tmp_path: Path
 ) -> None:
     agent.agents.add(AGENT_ID)
-    async with running_server(doctor_settings(twilio, agent, tmp_path)) as srv:
-        connect_here(twilio, srv.settings)
-        checks = await run_doctor(srv.settings)
+    checks = await doctor_on_a_connected_server(twilio, agent, tmp_path)
     assert failed(checks) == [], checks
     named = by_name(checks)
     for name in (
@@ -121,9 +129,7 @@ async def test_each_agent_misconfiguration_is_named_with_its_fix(
     words: str,
 ) -> None:
     agent.agents.add(AGENT_ID, **knobs)
-    async with running_server(doctor_settings(twilio, agent, tmp_path)) as srv:
-        connect_here(twilio, srv.settings)
-        checks = await run_doctor(srv.settings)
+    checks = await doctor_on_a_connected_server(twilio, agent, tmp_path)
     found = by_name(checks)[check]
     assert found.status == status and words in found.message, found
     assert failed(checks) == ([check] if status == "fail" else []), checks
@@ -163,9 +169,7 @@ async def test_wrong_credentials_and_ids(
     words: str,
 ) -> None:
     agent.agents.add(AGENT_ID)
-    async with running_server(doctor_settings(twilio, agent, tmp_path)) as srv:
-        connect_here(twilio, srv.settings)
-        checks = await run_doctor(replace(srv.settings, **change))
+    checks = await doctor_on_a_connected_server(twilio, agent, tmp_path, **change)
     found = by_name(checks)[check]
     assert found.status == "fail" and words in found.message, found
     assert "wrong-token" not in json.dumps([c.message for c in checks])
@@ -402,9 +406,7 @@ async def test_without_an_api_key_the_agent_is_not_read_and_doctor_says_why(
     twilio: TwilioEmulator, agent: AgentEmulator, tmp_path: Path
 ) -> None:
     agent.agents.add(AGENT_ID)
-    async with running_server(doctor_settings(twilio, agent, tmp_path)) as srv:
-        connect_here(twilio, srv.settings)
-        checks = await run_doctor(replace(srv.settings, elevenlabs_api_key=None))
+    checks = await doctor_on_a_connected_server(twilio, agent, tmp_path, elevenlabs_api_key=None)
     elevenlabs = [c for c in checks if c.name.startswith("elevenlabs.")]
     assert [(c.name, c.status) for c in elevenlabs] == [("elevenlabs.agent", "warn")]
     assert "ELEVENLABS_API_KEY" in elevenlabs[0].message
