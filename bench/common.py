@@ -32,6 +32,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+try:  # the load generators read every message: orjson where installed (it is a callbridge dependency)
+    from orjson import loads as json_loads
+except ImportError:  # pragma: no cover
+    json_loads = json.loads
+
 __all__ = [
     "FRAME_BYTES",
     "MAGIC",
@@ -40,6 +45,7 @@ __all__ = [
     "call_index_of",
     "call_sid_of",
     "find_tags",
+    "json_loads",
     "loud_flags_pcm16",
     "loud_flags_ulaw",
     "pcm16_chunk_b64",
@@ -76,6 +82,7 @@ def _undigits(data: bytes) -> int:
 
 
 _PAIRS = [_digits(v, 2) for v in range(127 * 127)]
+_UNPAIRS = {pair: v for v, pair in enumerate(_PAIRS)}
 
 
 def tag(stream: int, seq: int) -> bytes:
@@ -87,8 +94,13 @@ def find_tags(audio: bytes) -> list[tuple[int, int]]:
     """Every (stream, seq) tag in a payload (a re-chunking system may put one mid-payload)."""
     out: list[tuple[int, int]] = []
     i = audio.find(MAGIC)
+    unpairs = _UNPAIRS
     while i >= 0 and i + TAG_BYTES <= len(audio):
-        out.append((_undigits(audio[i + 3 : i + 5]), _undigits(audio[i + 5 : i + 9])))
+        try:
+            seq = unpairs[audio[i + 5 : i + 7]] * (127 * 127) + unpairs[audio[i + 7 : i + 9]]
+            out.append((unpairs[audio[i + 3 : i + 5]], seq))
+        except KeyError:  # a digit byte of 0x7F or more: not a tag we wrote (a table, not a loop)
+            out.append((_undigits(audio[i + 3 : i + 5]), _undigits(audio[i + 5 : i + 9])))
         i = audio.find(MAGIC, i + TAG_BYTES)
     return out
 

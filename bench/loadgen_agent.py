@@ -40,6 +40,7 @@ from common import (
     body_b64,
     call_index_of,
     find_tags,
+    json_loads,
     loud_flags_pcm16,
     pcm16_chunk_b64,
     run_loop,
@@ -132,7 +133,7 @@ class AgentConn(WsServer):
 
     def on_text(self, text: str, now: float) -> None:
         try:
-            msg = json.loads(text)
+            msg = json_loads(text)
         except ValueError:
             return
         b64 = msg.get("user_audio_chunk")

@@ -52,6 +52,7 @@ from common import (
     call_index_of,
     call_sid_of,
     find_tags,
+    json_loads,
     loud_flags_ulaw,
     run_loop,
     save_logs,
@@ -178,7 +179,7 @@ class Caller(WsClient):
 
     def on_text(self, text: str, now: float) -> None:
         try:
-            msg = json.loads(text)
+            msg = json_loads(text)
         except ValueError:
             return
         event = msg.get("event")
