@@ -991,7 +991,10 @@ class Call:
             return
         t = self._loop.time()
         try:
-            await asyncio.wait_for(self._marks_drained.wait(), self.options.final_audio_timeout)
+            # Not wait_for: on Python 3.11 it waits in a task of its own, and the hang-up
+            # that follows the last mark would start two turns of the loop later.
+            async with asyncio.timeout(self.options.final_audio_timeout):
+                await self._marks_drained.wait()
         except TimeoutError:
             log_event(
                 log,
