@@ -33,6 +33,9 @@ log = logging.getLogger("callbridge.server")
 
 # uvicorn's options for callbridge, one process or gunicorn workers (server/workers.py).
 UVICORN_OPTIONS: dict[str, Any] = {
+    # uvloop where it is installed, without a thread-pool hop per new outgoing connection
+    # (eventloop.py: the hang-up's REST connection waited up to 0.9 s for it on a busy core).
+    "loop": "callbridge.eventloop:new_event_loop",
     "access_log": False,
     "lifespan": "on",
     # The media stream on callbridge's own WebSocket connection, the rest on uvicorn's

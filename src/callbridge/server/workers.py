@@ -35,7 +35,7 @@ WORKER_AGE = "CALLBRIDGE_WORKER_AGE"
 class CallbridgeWorker(UvicornWorker):  # type: ignore[misc]
     """A gunicorn worker running one callbridge app on uvicorn, draining on SIGTERM/SIGINT."""
 
-    CONFIG_KWARGS: dict[str, Any] = {"loop": "auto", "http": "auto", **UVICORN_OPTIONS}
+    CONFIG_KWARGS: dict[str, Any] = {"http": "auto", **UVICORN_OPTIONS}
 
     def init_process(self) -> None:
         # Before the app is built (load_wsgi, in super().init_process): name this worker.
