@@ -36,6 +36,7 @@ from tests.serverkit import (
     settings_for,
     short_script,
     wait_until,
+    wait_until_async,
 )
 
 FAST = float("inf")
@@ -226,7 +227,11 @@ async def test_instances_starting_together_migrate_once(tmp_path: Path, pg_url: 
 async def test_a_database_made_by_an_earlier_release_is_upgraded_in_place(
     tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    url = request.getfixturevalue("pg_url") if backend == "postgresql" else f"sqlite+aiosqlite:///{tmp_path}/c.db"
+    url = (
+        request.getfixturevalue("pg_url")
+        if backend == "postgresql"
+        else f"sqlite+aiosqlite:///{tmp_path}/c.db"
+    )
     # The schema as releases before migrations created it (VARCHAR(64) caller IDs).
     engine = create_async_engine(url)
     try:
@@ -354,3 +359,45 @@ async def test_a_spool_the_database_refuses_is_quarantined_and_never_blocks_star
     assert quarantine[0] == "this is not JSON"
     assert json.loads(quarantine[1])["call_sid"] == refused.call_sid
     assert store.quarantined == 2 and not spool_exists(store)
+
+
+async def test_a_write_from_another_instance_between_read_and_write_is_kept(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """Two instances write one call's row: the one holding the call its end, another the
+    answering-machine verdict that reached it (a load balancer's choice). The holder writes
+    its row back whole, so a verdict committed while it does must not be overwritten."""
+    sid = "CA" + "7" * 32
+    store = pg_store(pg_url, tmp_path)
+    engine = create_async_engine(pg_url)
+    await store.init()
+    try:
+        await store.set_answered_by(sid, "human")  # the row, as the first verdict left it
+        assert await store.wait_written(5)
+        async with engine.connect() as other, engine.connect() as watch:
+            tx = await other.begin()  # the other instance's transaction, holding the row
+            await other.execute(text("SELECT 1 FROM calls WHERE call_sid = :s FOR UPDATE"), {"s": sid})
+            await store.close_record(sid, "voicemail", "answered by machine_end_beep")
+
+            async def holder_waits_for_the_row() -> bool:
+                found = await watch.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock'"
+                    )
+                )
+                return bool(found.scalar())
+
+            await wait_until_async(holder_waits_for_the_row, 10, "the holder's write waits for the row")
+            await other.execute(
+                text("UPDATE calls SET answered_by = 'machine_end_beep' WHERE call_sid = :s"), {"s": sid}
+            )
+            await tx.commit()
+        assert await store.wait_written(5)
+        record = await store.get(sid)
+        assert record is not None
+        assert (record["status"], record["end_reason"]) == ("ended", "voicemail")
+        assert record["answered_by"] == "machine_end_beep"
+    finally:
+        await store.close()
+        await engine.dispose()

@@ -73,6 +73,16 @@ def _start_error(exc: BaseException, url: str) -> DatabaseError:
     return exc if isinstance(exc, DatabaseError) else DatabaseError(explain(exc, url))
 
 
+def _applied(row: dict[str, Any] | None, ops: list[Op]) -> dict[str, Any] | None:
+    for op in ops:
+        row = apply_op(row, op)
+    return row
+
+
+def _values(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "call_sid"}
+
+
 class CallStore(Reads):
     """The records of calls. `save` (the bridge's `RecordSink`) and the other writes
     return at once; reads raise `StoreUnavailable` within `timeout` seconds when the
@@ -399,44 +409,58 @@ class CallStore(Reads):
             return await work(conn)
 
     async def _write_call(self, conn: AsyncConnection, call_sid: str, ops: list[Op]) -> None:
-        current = await self._read_row(conn, call_sid)
-        row = current
-        for op in ops:
-            row = apply_op(row, op)
-        if row is None or row == current:
-            return
-        await self._put(conn, call_sid, row, exists=current is not None)
+        await self._merge(conn, call_sid, ops)
 
-    @staticmethod
-    async def _put(conn: AsyncConnection, call_sid: str, row: dict[str, Any], exists: bool) -> None:
-        values = {k: v for k, v in row.items() if k != "call_sid"}
-        if exists:
-            await conn.execute(update(CALLS).where(CALLS.c.call_sid == call_sid).values(**values))
-            return
+    async def _merge(
+        self,
+        conn: AsyncConnection,
+        call_sid: str,
+        ops: list[Op],
+        shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> dict[str, Any] | None:
+        """`ops` applied to the call's row, which is written back whole (`shape` picks what
+        of it); returns the row as the ops left it. The row is read locked: another
+        instance's write to it (a verdict, a status callback) between this read and this
+        write would otherwise be lost."""
+        current = await self._read_row(conn, call_sid, lock=True)
+        row = _applied(current, ops)
+        if row is None:
+            return None
+        out = shape(row) if shape is not None else row
+        if out == current:
+            return row
+        if current is not None:
+            await self._update(conn, call_sid, out)
+            return row
         try:
             async with conn.begin_nested():
-                await conn.execute(insert(CALLS).values(call_sid=call_sid, **values))
+                await conn.execute(insert(CALLS).values(call_sid=call_sid, **_values(out)))
         except IntegrityError:
-            # Another instance inserted this call's row first (its status callback, say).
-            await conn.execute(update(CALLS).where(CALLS.c.call_sid == call_sid).values(**values))
+            # Another instance inserted this call's row first (its status callback, say):
+            # these writes go on top of its row.
+            current = await self._read_row(conn, call_sid, lock=True)
+            row = _applied(current, ops)
+            assert row is not None  # the row exists now
+            await self._update(conn, call_sid, shape(row) if shape is not None else row)
+        return row
+
+    @staticmethod
+    async def _update(conn: AsyncConnection, call_sid: str, row: dict[str, Any]) -> None:
+        await conn.execute(update(CALLS).where(CALLS.c.call_sid == call_sid).values(**_values(row)))
 
     async def _write_refused(self, call_sid: str, ops: list[Op], exc: BaseException) -> None:
         """The database refused something in this call's row: write it field by field,
         leaving out (and naming) what it refuses; failing that, quarantine the writes."""
         refused: list[str] = []
 
-        async def core(conn: AsyncConnection) -> dict[str, Any] | None:
-            current = await self._read_row(conn, call_sid)
-            row = current
-            for op in ops:
-                row = apply_op(row, op)
-            if row is None:
-                return None
+        def core_only(row: dict[str, Any]) -> dict[str, Any]:
             base = {k: row.get(k) for k in CORE_COLUMNS}
             base.update({k: (EMPTY_JSON.get(k) if k in EMPTY_JSON else None) for k in OPTIONAL_COLUMNS})
             base["refused_fields"] = ",".join(OPTIONAL_COLUMNS)
-            await self._put(conn, call_sid, {"call_sid": call_sid, **base}, exists=current is not None)
-            return row
+            return {"call_sid": call_sid, **base}
+
+        async def core(conn: AsyncConnection) -> dict[str, Any] | None:
+            return await self._merge(conn, call_sid, ops, core_only)
 
         try:
             row = await self._bounded(core)

@@ -93,8 +93,11 @@ class Reads:
         raise NotImplementedError
 
     @staticmethod
-    async def _read_row(conn: AsyncConnection, call_sid: str) -> dict[str, Any] | None:
-        result = await conn.execute(select(CALLS).where(CALLS.c.call_sid == call_sid))
+    async def _read_row(conn: AsyncConnection, call_sid: str, lock: bool = False) -> dict[str, Any] | None:
+        """The call's row; with `lock`, locked until the transaction ends (FOR UPDATE on
+        PostgreSQL; SQLite has one writer at a time and no such clause)."""
+        query = select(CALLS).where(CALLS.c.call_sid == call_sid)
+        result = await conn.execute(query.with_for_update() if lock else query)
         found = result.mappings().first()
         return dict(found) if found is not None else None
 
