@@ -48,7 +48,13 @@ def _audioop() -> ModuleType:
 
 def test_agent_formats_parse() -> None:
     assert set(AGENT_FORMATS) == {
-        "ulaw_8000", "pcm_8000", "pcm_16000", "pcm_22050", "pcm_24000", "pcm_44100", "pcm_48000"
+        "ulaw_8000",
+        "pcm_8000",
+        "pcm_16000",
+        "pcm_22050",
+        "pcm_24000",
+        "pcm_44100",
+        "pcm_48000",
     }
     for name, fmt in AGENT_FORMATS.items():
         assert parse_format(name) == fmt

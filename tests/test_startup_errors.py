@@ -518,12 +518,15 @@ def test_a_public_url_without_a_scheme_is_one_line_with_the_fix(tmp_path: Path) 
     env = serve_env(port, None) | {"CALLBRIDGE_PUBLIC_URL": "bridge.example.com"}
     result = cli("serve", "--host", "127.0.0.1", "--port", str(port), env=env, cwd=tmp_path)
     assert result.returncode == 2
-    line = assert_one_error_line(
-        result, "CALLBRIDGE_PUBLIC_URL", "did you mean https://bridge.example.com"
-    )
+    line = assert_one_error_line(result, "CALLBRIDGE_PUBLIC_URL", "did you mean https://bridge.example.com")
     assert "required but not set" not in line
     flag = cli(
-        "serve", "--port", str(port), "--public-url", "bridge.example.com", env=serve_env(port, None),
+        "serve",
+        "--port",
+        str(port),
+        "--public-url",
+        "bridge.example.com",
+        env=serve_env(port, None),
         cwd=tmp_path,
     )
     assert flag.returncode == 2

@@ -157,3 +157,20 @@ def test_broken_start_is_fatal() -> None:
     ):
         ev = TwilioStreamProtocol().receive(json.dumps(start))
         assert isinstance(ev, TelephonyWarning) and ev.fatal, start
+
+
+def test_caller_audio_is_read_without_consuming_anything_else() -> None:
+    """What the call may forward as it arrives: media only; every other frame is left, unread
+    and unchanged, for `receive`."""
+    p = TwilioStreamProtocol()
+    assert p.caller_audio(MEDIA) is None  # before start: receive() warns about it
+    assert isinstance(p.receive(START), StreamInfo)
+    assert p.caller_audio(MEDIA) == p.receive(MEDIA)
+    _, name = p.mark()
+    echo = json.dumps({"event": "mark", "streamSid": SID, "mark": {"name": name}})
+    bad = json.dumps({"event": "media", "media": {"payload": "not base64!"}})
+    for frame in (echo, STOP, DTMF, bad, "{", "[1]"):
+        assert p.caller_audio(frame) is None
+    assert p.pending_marks == 1 and not p.stopped
+    assert p.receive(echo) == MarkPlayed(name, True)
+    assert isinstance(p.receive(bad), TelephonyWarning)

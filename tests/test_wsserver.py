@@ -47,6 +47,10 @@ class Recorder:
         self.reads = 0
 
     async def __call__(self, sock: ServerSocket) -> None:
+        self.attach(sock)
+        await self.read(sock)
+
+    def attach(self, sock: ServerSocket) -> None:
         original = sock.data_received
 
         def counting(data: bytes) -> None:
@@ -56,6 +60,8 @@ class Recorder:
 
         sock.data_received = counting  # type: ignore[method-assign]
         self.sock = sock
+
+    async def read(self, sock: ServerSocket) -> None:
         try:
             while True:
                 self.got.append(await sock.receive())
@@ -341,3 +347,60 @@ async def test_agent_socket_against_the_server() -> None:
         await wait_until(lambda: bool(closed), T, "the server saw the close")
     assert rec == [f"c{i}" for i in range(100)] + ["é" * 2000, "send"]
     assert (closed[0].code, closed[0].reason) == (1000, "call ended")
+
+
+# -- on_text: messages taken as they are parsed -------------------------------------------------
+
+
+class Taker(Recorder):
+    """Takes `take:` messages on arrival (on_text); receive() gets the rest once `reading` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken: list[str] = []
+        self.reading = asyncio.Event()
+
+    def offer(self, text: str) -> bool:
+        if text == "boom":
+            raise RuntimeError("handler bug")
+        if text.startswith("take:"):
+            self.taken.append(text)
+            return True
+        return False
+
+    async def __call__(self, sock: ServerSocket) -> None:
+        sock.on_text = self.offer
+        self.attach(sock)
+        await self.reading.wait()
+        await self.read(sock)
+
+
+async def test_a_message_taken_on_arrival_skips_receive_but_never_jumps_an_unread_one() -> None:
+    rec = Taker()
+    async with served(rec) as port, Raw.open(port, rec) as raw:
+        # Nobody reads yet: "keep1" waits, and what follows it waits behind it, taken or not.
+        await raw.write(frame("keep1") + frame("take:a") + frame(b"bin", 0x2))
+        await wait_until(lambda: rec.nbytes >= raw.sent, T, "the server parsed them", interval=0)
+        await raw.write(frame("take:b"))  # a read of its own, with "keep1" still unread
+        await wait_until(lambda: rec.nbytes >= raw.sent, T, "the server parsed it", interval=0)
+        rec.reading.set()
+        assert await rec.until_got(4) == ["keep1", "take:a", b"bin", "take:b"]
+        assert rec.taken == []
+        # Now the reader waits with nothing queued: a message is taken the moment it is parsed.
+        await raw.write(frame("take:c") + frame("keep2") + frame("take:d"))
+        assert await rec.until_got(6) == ["keep1", "take:a", b"bin", "take:b", "keep2", "take:d"]
+        assert rec.taken == ["take:c"]
+
+
+async def test_a_handler_that_raises_is_logged_and_dropped_and_nothing_is_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rec = Taker()
+    rec.reading.set()
+    async with served(rec) as port, Raw.open(port, rec) as raw:
+        await raw.write(frame("take:a"))
+        await wait_until(lambda: rec.taken == ["take:a"], T, "the first message taken")
+        await raw.write(frame("boom") + frame("take:b"))
+        assert await rec.until_got(2) == ["boom", "take:b"]
+        assert rec.taken == ["take:a"]
+    assert any("message handler failed" in r.getMessage() for r in caplog.records)

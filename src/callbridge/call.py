@@ -497,6 +497,7 @@ class Call:
             return
         self._set_state(CallState.ACTIVE)
         self._forward_caller = True
+        self._offer_caller_audio_directly()
         self._last_activity = self._loop.time()
         if self.options.silence_timeout:
             self._arm_silence_timer(self.options.silence_timeout)
@@ -508,6 +509,31 @@ class Call:
             self._on_keypad_entry(entry)
 
     # -- caller side ---------------------------------------------------------
+
+    def _offer_caller_audio_directly(self) -> None:
+        """Plain caller audio goes to the agent as the phone leg reads it, with no turn of
+        the reader task, where both legs can (Twilio's stream on wsconn, ElevenLabs): about
+        an eighth of the CPU of a call (BENCHMARKS.md, issue 17). Only passthrough audio with
+        no silence check, whose forwarding `_read_telephony` does no more than this; the
+        reader still gets all else, in order, and any frame this declines."""
+        offer = getattr(self.telephony, "set_audio_fast_path", None)
+        agent = self.agent
+        send_now = getattr(agent, "try_send_audio", None)
+        conv = self._to_agent
+        if offer is None or send_now is None or conv is None or not conv.passthrough:
+            return
+        if self.options.silence_timeout is not None:
+            return
+        m = self.metrics
+
+        def take(event: CallerAudio) -> bool:
+            if not self._forward_caller or self.agent is not agent or not send_now(event.payload, event.b64):
+                return False  # the reader decides (and counts) as before
+            m["frames_from_caller"] += 1
+            m["frames_to_agent"] += 1
+            return True
+
+        offer(take)
 
     async def _read_telephony(self) -> None:
         m = self.metrics

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request, Response
@@ -38,6 +39,8 @@ except ImportError:  # pragma: no cover - the pure-Python fallback of the librar
     from websockets.utils import apply_mask
 
 __all__ = ["WSConnection", "frame_bytes"]
+
+log = logging.getLogger("callbridge.ws")
 
 # Mask keys must be unpredictable (RFC 6455 section 5.3); they are cut from one read of the
 # system's CSPRNG per 1024 frames instead of one system call per frame.
@@ -124,6 +127,9 @@ class WSConnection(asyncio.Protocol):
         self._ping_handle: asyncio.TimerHandle | None = None
         self._pong_deadline: asyncio.TimerHandle | None = None
         self._ping_data: bytes | None = None
+        # Takes a text message as it is parsed, when nothing is queued before it; True: taken,
+        # not queued for recv() (a call forwards plain caller audio this way: no task wakes).
+        self.on_text: Callable[[str], bool] | None = None
 
     # -- reading and writing messages -------------------------------------------------
 
@@ -151,6 +157,14 @@ class WSConnection(asyncio.Protocol):
         self.transport.write(frame_bytes(text.encode(), self._mask_out))
         if self._writing_paused:
             await self._wait_drain()
+
+    def send_now(self, text: str) -> bool:
+        """Send one text message now if that needs no wait: False if the connection is not
+        open or its writes are paused (the caller then sends it with `send`)."""
+        if self.protocol.state is not State.OPEN or self._writing_paused:
+            return False
+        self.transport.write(frame_bytes(text.encode(), self._mask_out))
+        return True
 
     async def send_bytes(self, data: bytes) -> None:
         """Send one binary message; raises `ConnectionClosed` if the connection is closing."""
@@ -268,10 +282,14 @@ class WSConnection(asyncio.Protocol):
                     payload = apply_mask(payload, buf[start - 4 : start])
                 if first == 0x81:
                     try:
-                        self._messages.append(payload.decode())
+                        text = payload.decode()
                     except UnicodeDecodeError:
                         self._invalid_utf8()
                         return
+                    if self.on_text is not None and not self._messages and self._offer(text):
+                        pos = end
+                        continue
+                    self._messages.append(text)
                 else:
                     self._messages.append(self._binary(payload))
                 self._wake()
@@ -292,6 +310,16 @@ class WSConnection(asyncio.Protocol):
         if len(self._messages) >= _MAX_QUEUE and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
+
+    def _offer(self, text: str) -> bool:
+        """`on_text`'s answer; a handler that raises is dropped (logged) and `recv()` gets all."""
+        assert self.on_text is not None
+        try:
+            return self.on_text(text)
+        except Exception:
+            log.exception("message handler failed; every message goes to recv() from now on")
+            self.on_text = None
+            return False
 
     def _slow_from(self, buf: bytes, pos: int) -> None:
         """From `buf[pos:]` on, every byte goes to the library."""

@@ -215,6 +215,15 @@ class ElevenLabsSession:
             if event is not None and not isinstance(event, AgentReady):
                 yield event
 
+    def try_send_audio(self, payload: bytes, b64: str | None = None) -> bool:
+        """`send_audio` when it needs no wait (open, writes not paused); False otherwise."""
+        ws = self._ws
+        if ws is None or not self._open:
+            return False
+        if b64 is None:
+            b64 = base64.b64encode(payload).decode("ascii")
+        return ws.send_now(ElevenLabsProtocol.user_audio(b64))
+
     async def send_audio(self, payload: bytes, b64: str | None = None) -> None:
         ws = self._ws
         if ws is None or not self._open:

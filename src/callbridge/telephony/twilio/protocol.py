@@ -98,6 +98,15 @@ class TwilioStreamProtocol:
             return self._on_dtmf(msg)
         return TelephonyWarning(f"unknown event {describe(event)}")
 
+    def caller_audio(self, frame: str) -> CallerAudio | None:
+        """The caller audio of `frame` if it is a valid `media` message, else None (for
+        `receive` to read). No side effect: a frame refused here can be received after."""
+        msg = decode_object(frame, "Twilio")
+        if type(msg) is not dict or msg.get("event") != "media":
+            return None
+        event = self._on_media(msg)
+        return event if type(event) is CallerAudio else None
+
     def _on_start(self, msg: dict[str, Any]) -> TwilioEvent:
         if self.stream_sid is not None:
             return TelephonyWarning("duplicate start ignored")

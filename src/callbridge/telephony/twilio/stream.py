@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from callbridge.telephony.base import (
+    CallerAudio,
     CallerHungUp,
     StreamInfo,
     TelephonyClosed,
@@ -108,6 +109,22 @@ class TwilioMediaStream:
                     yield TelephonyWarning("connected received after start")
                 continue
             yield event
+
+    def set_audio_fast_path(self, take: Callable[[CallerAudio], bool]) -> bool:
+        """Offer plain caller audio to `take` as soon as it is read, on sockets that can
+        (`on_text`, see wsconn.py): what it takes (True) is not yielded by `events()`.
+        Anything else, and whatever arrives behind a message not yet read, is yielded as
+        before. False if this socket cannot."""
+        if not hasattr(self._socket, "on_text"):
+            return False
+        caller_audio = self.protocol.caller_audio
+
+        def offer(text: str) -> bool:
+            audio = caller_audio(text)
+            return audio is not None and take(audio)
+
+        self._socket.on_text = offer
+        return True
 
     async def send_audio(self, ulaw: bytes, b64: str | None = None) -> None:
         if not self._open:
