@@ -2,7 +2,9 @@
 
 The library path: one `Bridge`, the ElevenLabs session factory pointed at the agent
 emulator, `TwilioCallControl` (official SDK, aiohttp) pointed at the load
-generator's REST stub. No database, logging at WARNING.
+generator's REST stub. No database, logging at WARNING. On `callbridge.eventloop` as the
+README tells library users (uvloop, IP literals resolved in place), or on asyncio's own loop
+when BENCH_LOOP=asyncio (the `callbridge-asyncio` system).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    from common import run_loop
+    import os
 
-    run_loop(main())
+    from callbridge.eventloop import new_event_loop
+
+    factory = asyncio.new_event_loop if os.environ.get("BENCH_LOOP") == "asyncio" else new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
