@@ -512,7 +512,7 @@ class Call:
 
     def _offer_caller_audio_directly(self) -> None:
         """Plain caller audio goes to the agent as the phone leg reads it, with no turn of
-        the reader task, where both legs can (Twilio's stream on wsconn, ElevenLabs): about
+        the reader task, where both legs can (`set_audio_fast_path`, `try_send_audio`): about
         an eighth of the CPU of a call (BENCHMARKS.md, issue 17). Only passthrough audio with
         no silence check, whose forwarding `_read_telephony` does no more than this; the
         reader still gets all else, in order, and any frame this declines."""
