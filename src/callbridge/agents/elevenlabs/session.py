@@ -215,23 +215,25 @@ class ElevenLabsSession:
             if event is not None and not isinstance(event, AgentReady):
                 yield event
 
+    @staticmethod
+    def _user_audio(payload: bytes, b64: str | None) -> str:
+        return ElevenLabsProtocol.user_audio(
+            b64 if b64 is not None else base64.b64encode(payload).decode("ascii")
+        )
+
     def try_send_audio(self, payload: bytes, b64: str | None = None) -> bool:
         """`send_audio` when it needs no wait (open, writes not paused); False otherwise."""
         ws = self._ws
         if ws is None or not self._open:
             return False
-        if b64 is None:
-            b64 = base64.b64encode(payload).decode("ascii")
-        return ws.send_now(ElevenLabsProtocol.user_audio(b64))
+        return ws.send_now(self._user_audio(payload, b64))
 
     async def send_audio(self, payload: bytes, b64: str | None = None) -> None:
         ws = self._ws
         if ws is None or not self._open:
             return
-        if b64 is None:
-            b64 = base64.b64encode(payload).decode("ascii")
         try:
-            await ws.send(ElevenLabsProtocol.user_audio(b64))
+            await ws.send(self._user_audio(payload, b64))
         except ConnectionClosed:
             self._open = False  # the reader reports how it closed
 
