@@ -416,7 +416,7 @@ class CallStore(Reads):
         conn: AsyncConnection,
         call_sid: str,
         ops: list[Op],
-        shape: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        shape: Callable[[dict[str, Any]], dict[str, Any]] = dict,
     ) -> dict[str, Any] | None:
         """`ops` applied to the call's row, which is written back whole (`shape` picks what
         of it); returns the row as the ops left it. The row is read locked: another
@@ -426,7 +426,7 @@ class CallStore(Reads):
         row = _applied(current, ops)
         if row is None:
             return None
-        out = shape(row) if shape is not None else row
+        out = shape(row)
         if out == current:
             return row
         if current is not None:
@@ -441,7 +441,7 @@ class CallStore(Reads):
             current = await self._read_row(conn, call_sid, lock=True)
             row = _applied(current, ops)
             assert row is not None  # the row exists now
-            await self._update(conn, call_sid, shape(row) if shape is not None else row)
+            await self._update(conn, call_sid, shape(row))
         return row
 
     @staticmethod
