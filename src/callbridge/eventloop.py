@@ -21,7 +21,6 @@ Library users can run on it too: `asyncio.Runner(loop_factory=new_event_loop)`.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -34,26 +33,14 @@ _NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 def numeric_addrinfo(
     host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0, flags: int = 0
 ) -> list[Any] | None:
-    """`getaddrinfo`'s answer for an IP literal and a numeric port, without a lookup; None otherwise."""
-    if isinstance(host, bytes):
-        try:
-            host = host.decode("ascii")
-        except UnicodeDecodeError:
-            return None
-    if not isinstance(host, str):
+    """`getaddrinfo`'s answer for an IP literal and a numeric port, without a lookup; None
+    otherwise (a name, a service name: the C library refuses them in this mode, it does not
+    look them up)."""
+    if host is None:
         return None
-    if isinstance(port, bytes | str):
-        if not port.isdigit():
-            return None  # a service name ("https") is looked up
-    elif port is not None and not isinstance(port, int):
-        return None
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return None  # a name: resolving it may block
     try:
         return socket.getaddrinfo(host, port, family, type, proto, flags | _NUMERIC)
-    except (OSError, UnicodeError):
+    except (OSError, TypeError, UnicodeError):
         return None  # let the loop's own resolver answer (and raise) as it would
 
 
