@@ -128,7 +128,10 @@ async def main(trials: int) -> None:
                     await stop(proc)
     finally:
         pg.close()
-    print(f"lease {LEASE:g} s (heartbeat {LEASE / 6:g} s, expiry {LEASE * 2 / 3:g} s); {trials} trials; logs in {logs}")
+    print(
+        f"lease {LEASE:g} s (heartbeat {LEASE / 6:g} s, expiry {LEASE * 2 / 3:g} s); "
+        f"{trials} trials; logs in {logs}"
+    )
     summary("killed instance -> its call closed by another (same host)", killed)
     summary("hung instance (SIGSTOP) -> its call closed", paused)
     summary("hang-up on the holder (HTTP round trip)", local_ms, "ms")

@@ -29,6 +29,8 @@ import hashlib
 import hmac
 import json
 import signal
+import socket
+import struct
 import sys
 import time
 from array import array
@@ -78,7 +80,8 @@ class Load:
         self.onset_t = array("d")
         self.marker_call = array("q")
         self.marker_t = array("d")
-        self.hangups: list[tuple[str, float]] = []
+        # (call sid, when the request was sent (kernel stamp), when this process read it)
+        self.hangups: list[tuple[str, float, float]] = []
         self.profile = "default"
         self.rest_requests = 0
         self._bodies = [body_b64(FRAME_BYTES, off) for off in range(0, 4000, 173)]
@@ -281,37 +284,100 @@ class Caller(WsClient):
             self._finish("sut_close", self.closed_at or time.monotonic())
 
 
-class RestStub(asyncio.Protocol):
-    """Twilio's REST Calls API, the one operation a bridge uses: update Status=completed."""
+# Linux's SO_TIMESTAMPNS (asm-generic/socket.h; Python's socket module does not name it): the
+# kernel stamps each segment as it reaches the socket, which on loopback is as it is sent.
+SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@qq")
 
-    def __init__(self, load: Load) -> None:
+
+class RestStub:
+    """Twilio's REST Calls API, the one operation a bridge uses: update Status=completed.
+
+    A hang-up is timed when the kernel took its first byte (SO_TIMESTAMPNS), not when this
+    process got round to reading it: the stub shares its process (and core) with the
+    callers, whose own work must not count as the system's delay. The difference is kept
+    (`rest_seen_after_sent_ms` per call) to show how large it is.
+    """
+
+    def __init__(self, load: Load, port: int) -> None:
         self.load = load
-        self.buf = bytearray()
-        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_running_loop()
+        self.server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.server.bind(("127.0.0.1", port))
+        self.server.listen(1024)
+        self.server.setblocking(False)
+        self.conns: dict[int, tuple[socket.socket, bytearray, float | None]] = {}
+        self.loop.add_reader(self.server.fileno(), self._accept)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
+    def close(self) -> None:
+        for fd, (sock, _, _) in list(self.conns.items()):
+            self.loop.remove_reader(fd)
+            sock.close()
+        self.conns.clear()
+        self.loop.remove_reader(self.server.fileno())
+        self.server.close()
 
-    def data_received(self, data: bytes) -> None:
-        now = time.monotonic()
-        self.buf += data
+    def _accept(self) -> None:
         while True:
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
+            try:
+                sock, _ = self.server.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-            head = bytes(self.buf[:end]).decode("latin-1")
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            fd = sock.fileno()
+            self.conns[fd] = (sock, bytearray(), None)
+            self.loop.add_reader(fd, self._readable, fd)
+
+    def _drop(self, fd: int) -> None:
+        sock, _, _ = self.conns.pop(fd)
+        self.loop.remove_reader(fd)
+        sock.close()
+
+    def _readable(self, fd: int) -> None:
+        sock, buf, first_at = self.conns[fd]
+        try:
+            data, ancdata, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(_TIMESPEC.size))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(fd)
+            return
+        if not data:
+            self._drop(fd)
+            return
+        now = time.monotonic()
+        if first_at is None:  # the first byte of a request: when was it sent?
+            first_at = now
+            for level, kind, value in ancdata:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = _TIMESPEC.unpack(value[: _TIMESPEC.size])
+                    first_at = now - (time.time() - (sec + nsec / 1e9))
+        buf += data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            head = bytes(buf[:end]).decode("latin-1")
             length = 0
             for line in head.split("\r\n")[1:]:
                 k, _, v = line.partition(":")
                 if k.strip().lower() == "content-length":
                     length = int(v.strip())
-            if len(self.buf) < end + 4 + length:
-                return
-            body = bytes(self.buf[end + 4 : end + 4 + length]).decode("latin-1")
-            del self.buf[: end + 4 + length]
-            self._handle(head.split("\r\n", 1)[0], body, now)
+            if len(buf) < end + 4 + length:
+                break
+            body = bytes(buf[end + 4 : end + 4 + length]).decode("latin-1")
+            del buf[: end + 4 + length]
+            answer = self._handle(head.split("\r\n", 1)[0], body, first_at, now)
+            if sock.send(answer) != len(answer):  # a few hundred bytes to a reading client
+                raise RuntimeError("the REST stub's answer did not fit the socket's buffer")
+            first_at = None if not buf else now  # a pipelined next request: no stamp of its own
+        self.conns[fd] = (sock, buf, first_at)
 
-    def _handle(self, request_line: str, body: str, now: float) -> None:
+    def _handle(self, request_line: str, body: str, sent_at: float, now: float) -> bytes:
         self.load.rest_requests += 1
         parts = request_line.split(" ")
         path = parts[1] if len(parts) > 1 else ""
@@ -320,7 +386,7 @@ class RestStub(asyncio.Protocol):
         if caller is None or "Status=completed" not in body:
             status, payload = "404 Not Found", {"code": 20404, "message": "not found", "status": 404}
         else:
-            self.load.hangups.append((sid, now))
+            self.load.hangups.append((sid, sent_at, now))
             status = "200 OK"
             payload = {
                 "sid": sid,
@@ -334,8 +400,7 @@ class RestStub(asyncio.Protocol):
             }
             caller.end_call("rest")
         data = json.dumps(payload).encode()
-        assert self.transport is not None
-        self.transport.write(
+        return (
             f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
             f"Connection: keep-alive\r\n\r\n".encode()
             + data
@@ -379,8 +444,9 @@ async def run_call(load: Load, index: int, host: str, port: int) -> None:
 
 def summary(load: Load) -> dict[str, Any]:
     calls = []
-    hang = dict(load.hangups)
+    hang: dict[str, tuple[float, float]] = {sid: (sent, seen) for sid, sent, seen in load.hangups}
     for c in sorted(load.callers, key=lambda c: c.index):
+        sent, seen = hang.get(c.call_sid, (None, None))
         calls.append(
             {
                 "index": c.index,
@@ -394,7 +460,8 @@ def summary(load: Load) -> dict[str, Any]:
                 "ended_by": c.ended_by,
                 "ended_at": c.ended_at,
                 "unplayed_ms_at_end": c.unplayed_ms_at_end,
-                "rest_hangup_at": hang.get(c.call_sid),
+                "rest_hangup_at": sent,
+                "rest_seen_after_sent_ms": None if seen is None else round((seen - sent) * 1000, 2),
                 "handshake_failed": c.handshake_failed,
             }
         )
@@ -437,7 +504,7 @@ async def main() -> None:
     load = Load(sched, args.url, args.format == "ulaw_8000", token_key)
     load.profile = args.profile
     loop = asyncio.get_running_loop()
-    rest = await loop.create_server(lambda: RestStub(load), "127.0.0.1", args.rest_port, backlog=1024)
+    rest = RestStub(load, args.rest_port)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     print("READY", flush=True)

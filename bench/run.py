@@ -369,6 +369,7 @@ def hangup_summary(calls: list[dict[str, Any]]) -> dict[str, Any]:
     after_audio: list[float] = []
     cut_ms: list[float] = []
     silence_s: list[float] = []
+    stub_lag: list[float] = []
     for c in calls:
         if c["ended_by"] == "caller" and c["audio_end_at"] is not None and c["ended_at"] is not None:
             silence_s.append(c["ended_at"] - c["audio_end_at"])
@@ -376,6 +377,8 @@ def hangup_summary(calls: list[dict[str, Any]]) -> dict[str, Any]:
         if c["unplayed_ms_at_end"] is not None and c["ended_by"] in ("rest", "sut_close"):
             cut_ms.append(c["unplayed_ms_at_end"])
         if c["rest_hangup_at"] is not None:
+            if c.get("rest_seen_after_sent_ms") is not None:
+                stub_lag.append(c["rest_seen_after_sent_ms"])
             if c["last_mark_at"] is not None:
                 after_mark.append((c["rest_hangup_at"] - c["last_mark_at"]) * 1000)
             if c["audio_end_at"] is not None:
@@ -384,6 +387,9 @@ def hangup_summary(calls: list[dict[str, Any]]) -> dict[str, Any]:
         "ended_by": by,
         "rest_hangup_after_last_mark_ms": pct(after_mark),
         "rest_hangup_after_audio_end_ms": pct(after_audio),
+        # How long the REST stub's process took to read a hang-up after the kernel had it: not
+        # counted above (the stub shares its core with the callers), shown to size it.
+        "rest_stub_read_lag_ms": pct(stub_lag),
         "goodbye_cut_ms": pct(cut_ms),
         "goodbye_cut_calls": sum(1 for x in cut_ms if x > 1.0),
         # Calls the system never ended: the caller sat in silence until hanging up itself.
@@ -428,6 +434,7 @@ def run_one(
     pyspy: str | None = None,
     baseline: dict[str, Any] | None = None,
     load: str = "default",
+    trace: bool = False,
 ) -> dict[str, Any]:
     agent_port, sut_port, rest_port = free_port(), free_port(), free_port()
     tag = f"{system.name}-{n}"
@@ -443,6 +450,13 @@ def run_one(
         # Measure a proposed change to src/ on a scratch copy: it shadows the installed package.
         sut_env["PYTHONPATH"] = scratch
     sut_env.update(system.env)
+    trace_out = work / f"{tag}-trace.json"
+    if trace and system.name.startswith("callbridge-app"):
+        # bench/trace/sitecustomize.py times each hang-up, the loop's lateness and full GCs.
+        sut_env["PYTHONPATH"] = os.pathsep.join(
+            x for x in (str(BENCH / "trace"), sut_env.get("PYTHONPATH")) if x
+        )
+        sut_env["BENCH_TRACE_OUT"] = str(trace_out)
     argv = list(system.argv)
     if system.name.startswith("callbridge-app"):
         from common import ACCOUNT_SID, AUTH_TOKEN
@@ -464,6 +478,7 @@ def run_one(
         argv += ["--port", str(sut_port), "--agent-url", agent_url, "--rest-url", rest_url]
     result: dict[str, Any] = {"system": system.name, "label": system.label, "calls": n, "format": system.fmt}
     procs: list[subprocess.Popen[bytes]] = []
+    caller_calls: list[dict[str, Any]] = []
     try:
         now = time.monotonic()
         # Placeholder schedule for the agent: replaced once the SUT is up (same shape, later t0).
@@ -570,6 +585,7 @@ def run_one(
             except subprocess.TimeoutExpired:
                 stop(p)
         cs = json.loads(caller_out.with_suffix(".json").read_text())
+        caller_calls = cs["calls"]
         ag = json.loads(agent_out.with_suffix(".json").read_text())
         if {cs.get("profile"), ag.get("profile")} != {load}:
             result["error"] = (
@@ -647,6 +663,48 @@ def run_one(
             stop(p)
         for f in logs.values():
             f.close()
+        if trace_out.exists() and caller_calls:
+            result["trace"] = trace_summary(json.loads(trace_out.read_text()), caller_calls)
+
+
+def trace_summary(trace: dict[str, Any], calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where each hang-up's time went (`--trace`): caller's last mark sent -> the server read
+    it -> the REST hang-up started -> the request reached the REST stub (kernel stamp)."""
+    from common import call_sid_of
+
+    parts: dict[str, list[float]] = {k: [] for k in ("read", "wake", "send", "total", "new_conn")}
+    rows = []
+    for c in calls:
+        t = trace["calls"].get(call_sid_of(c["index"]), {})
+        sent, wire = c["last_mark_at"], c["rest_hangup_at"]
+        if sent is None or wire is None or "last_mark_read" not in t or "hangup_start" not in t:
+            continue
+        row = {
+            "call": c["index"],
+            "read": (t["last_mark_read"] - sent) * 1000,
+            "wake": (t["hangup_start"] - t["last_mark_read"]) * 1000,
+            "send": (wire - t["hangup_start"]) * 1000,
+            "total": (wire - sent) * 1000,
+            "new_conn": (t["conn_end"] - t["conn_start"]) * 1000 if "conn_end" in t else None,
+            "at": wire,
+        }
+        rows.append(row)
+        for k in parts:
+            if row[k] is not None:
+                parts[k].append(row[k])
+    out: dict[str, Any] = {k: pct(v) for k, v in parts.items()}
+    if rows:
+        first = min(r["at"] for r in rows) - 1.0
+        last = max(r["at"] for r in rows)
+        late = [ms for at, ms in trace["lag"] if first <= at <= last]
+        out["goodbye_loop_late_over_5ms"] = len(late)
+        out["goodbye_loop_late_max_ms"] = max(late, default=0.0)
+        out["goodbye_full_gcs_ms"] = [round(ms, 1) for at, ms in trace["full_gcs"] if first <= at <= last]
+    out["slowest"] = [
+        {k: (round(v, 1) if isinstance(v, float) and k != "at" else v) for k, v in r.items() if k != "at"}
+        for r in sorted(rows, key=lambda r: -r["total"])[:8]
+    ]
+    return out
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -762,14 +820,14 @@ def markdown(report: dict[str, Any]) -> str:
         "| system | N | up p50 / p99 / max ms | down p50 / p99 / max ms | lost up/down "
         "| late (>20 ms) up/down "
         f"| SUT core | CPU ms per call-min | vs {floor} | RSS idle/peak MB | KB per call "
-        "| hang-up after last mark p99 ms | load gen core "
+        "| hang-up after last mark p99 ms | REST stub's own read delay p99 ms (not counted) | load gen core "
         "| load gen late p99 ms | other jobs (cores) "
         "| pass |",
-        "|---|---:|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['label']} | {r['calls']} | {r['error']} | | | | | | | | | | | | | no |")
+            out.append(f"| {r['label']} | {r['calls']} | {r['error']} | | | | | | | | | | | | | | no |")
             continue
         u, d = r["up"], r["down"]
         out.append(
@@ -778,6 +836,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {fmt(vs_floor(r, rows), 'x')} "
             f"| {r['rss_idle_mb']}/{r['rss_peak_mb']} | {r['mem_per_call_kb']} "
             f"| {fmt(r['hangup']['rest_hangup_after_last_mark_ms']['p99'])} "
+            f"| {fmt(r['hangup'].get('rest_stub_read_lag_ms', {}).get('p99'))} "
             f"| {r['loadgen_core0_util']:.2f} | {fmt(r['loadgen_send_late_p99_ms'])} "
             f"| {r['background_cores']:.2f} | {'yes' if r['pass'] else 'no'} |"
         )
@@ -800,6 +859,28 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_triple(h['rest_hangup_after_audio_end_ms'])} | {h['goodbye_cut_calls']}; {fmt(c['p50'])} / "
             f"{fmt(c['max'])} | {h.get('left_in_silence_calls', 0)} |"
         )
+    traced = [r for r in rows if "trace" in r]
+    if traced:
+        out += [
+            "",
+            "### Where the hang-ups' time went (`--trace`), p50 / p99 / max ms",
+            "",
+            "read: the caller's last mark sent -> the server read it; wake: -> the REST hang-up "
+            "started; send: -> the request reached the REST stub (kernel stamp); new connections: "
+            "how many requests opened one, and how long that took.",
+            "",
+            "| system | N | total | read | wake | send | new connections | loop late > 5 ms in the "
+            "goodbye phase (times; max ms) | full GCs then (ms) |",
+            "|---|---:|---|---|---|---|---|---|---|",
+        ]
+        for r in traced:
+            t = r["trace"]
+            out.append(
+                f"| {r['label']} | {r['calls']} | {_triple(t['total'])} | {_triple(t['read'])} "
+                f"| {_triple(t['wake'])} | {_triple(t['send'])} | {t['new_conn']['n']}: "
+                f"{_triple(t['new_conn'])} | {t.get('goodbye_loop_late_over_5ms', '-')}; "
+                f"{fmt(t.get('goodbye_loop_late_max_ms'))} | {t.get('goodbye_full_gcs_ms') or '-'} |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -841,6 +922,12 @@ def main() -> int:
         help="re-run a failed point this many times before a system stops (shared machine)",
     )
     p.add_argument("--keep", action="store_true", help="keep the raw logs (.npz) of every run")
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="time each hang-up's parts, the loop's lateness and full GCs inside callbridge serve "
+        "(bench/trace/sitecustomize.py); reported per run",
+    )
     p.add_argument(
         "--render", type=Path, default=None, help="only re-render the .md (and plot) of a bench.json"
     )
@@ -930,7 +1017,9 @@ def main() -> int:
             for attempt in range(args.retries + 1):
                 t = time.monotonic()
                 base = baselines.get(s.name) if s.fmt != "ulaw_8000" else None
-                r = run_one(s, n, timing, work, pyspy=args.py_spy, baseline=base, load=args.profile)
+                r = run_one(
+                    s, n, timing, work, pyspy=args.py_spy, baseline=base, load=args.profile, trace=args.trace
+                )
                 if s.fmt != "ulaw_8000" and s.name not in baselines and "up" in r:
                     baselines[s.name] = r
                     limits = [round((r[w]["p99"] or 0) + THRESHOLD_MS, 1) for w in ("up", "down")]
