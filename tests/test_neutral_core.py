@@ -160,11 +160,22 @@ class RecordingControl:
         raise AssertionError("not used")
 
 
+class AnnouncedControl(RecordingControl):
+    """A control that takes the core's warning of a request to come (`ExpectsRequests`)."""
+
+    def expect_request(self, call_sid: str) -> None:
+        self.requests.append(("expect", call_sid))
+        self.leg.log.append("expect")
+
+
 async def run_call(
-    agent: ScriptedAgent, options: CallOptions | None = None, hooks: CallHooks | None = None
+    agent: ScriptedAgent,
+    options: CallOptions | None = None,
+    hooks: CallHooks | None = None,
+    control_class: type[RecordingControl] = RecordingControl,
 ) -> tuple[CallRecord, QueueLeg, RecordingControl]:
     leg = QueueLeg("CALL-1")
-    control = RecordingControl(leg)
+    control = control_class(leg)
     bridge = Bridge(lambda ctx: agent, control, options or CallOptions(), hooks, leg_factory=lambda sock: leg)
     record = await asyncio.wait_for(bridge.handle_media_stream(leg), 10)  # type: ignore[arg-type]
     return record, leg, control
@@ -180,6 +191,30 @@ async def test_agent_goodbye_is_heard_then_the_other_carrier_hangs_up() -> None:
     assert leg.log[-1] == "closed" and control.requests == [("hangup", "CALL-1")]
     assert agent.closed and agent.context is not None and agent.context.from_number == "+15550001000"
     assert record.metrics["lines_said"] == 2  # the backend's own stats, through the interface
+
+
+async def test_a_control_that_can_prepare_is_told_of_the_hang_up_while_the_goodbye_plays() -> None:
+    agent = ScriptedAgent(["Hello.", "Goodbye."])
+    record, leg, control = await run_call(agent, control_class=AnnouncedControl)
+    assert record.end_reason == "agent_ended"
+    assert control.requests == [("expect", "CALL-1"), ("hangup", "CALL-1")]
+    # Told before the goodbye's last chunk had played; the hang-up after it.
+    last_played = max(i for i, e in enumerate(leg.log) if e == "played")
+    assert leg.log.index("expect") < last_played < leg.log.index("hangup")
+
+
+async def test_a_call_the_caller_ends_announces_no_request() -> None:
+    agent = ScriptedAgent(["Hello."], then="stay")
+
+    async def hang_up_soon(call: Call) -> None:
+        assert isinstance(call.telephony, QueueLeg)
+        call.telephony.inbox.put_nowait(CallerHungUp("stop"))
+
+    record, _leg, control = await run_call(
+        agent, hooks=CallHooks(on_call_start=[hang_up_soon]), control_class=AnnouncedControl
+    )
+    assert record.end_reason == "caller_hung_up"
+    assert control.requests == []
 
 
 async def test_caller_hangs_up_on_the_other_carrier() -> None:

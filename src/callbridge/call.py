@@ -71,6 +71,7 @@ from callbridge.telephony.base import (
     CallerHungUp,
     Destination,
     Dtmf,
+    ExpectsRequests,
     HangupOutcome,
     MarkPlayed,
     StreamInfo,
@@ -1015,6 +1016,14 @@ class Call:
         self._forward_agent = False
         if self.telephony.pending_marks == 0:
             return
+        if (
+            isinstance(self.control, ExpectsRequests)
+            and self.call_sid is not None
+            and END_POLICY[reason].phone is not PhoneAction.LEAVE
+        ):
+            # The hang-up (or the fallback's redirect) follows the goodbye's last mark: a
+            # connection for it can be opened while the goodbye plays.
+            self.control.expect_request(self.call_sid)
         t = self._loop.time()
         try:
             # Not wait_for: on Python 3.11 it waits in a task of its own, and the hang-up

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 __all__ = [
     "CallControl",
@@ -21,6 +21,7 @@ __all__ = [
     "CallerHungUp",
     "Destination",
     "Dtmf",
+    "ExpectsRequests",
     "HangupOutcome",
     "MarkPlayed",
     "PlacedCall",
@@ -193,4 +194,15 @@ class CallControl(Protocol):
 
     async def fetch_status(self, call_sid: str) -> str | None:
         """The carrier's status of the call (None: no such call). Raises `CallControlError`."""
+        ...
+
+
+@runtime_checkable
+class ExpectsRequests(Protocol):
+    """A `CallControl` that can use a warning: the core announces a request it will make
+    soon (the hang-up after a goodbye that is still playing), so that the control can open
+    a connection for it meanwhile. Optional: a control without it is used as before."""
+
+    def expect_request(self, call_sid: str) -> None:
+        """A request about `call_sid` is due within seconds. Must not block or raise."""
         ...

@@ -5,6 +5,10 @@ Hang-up is `status=completed` on the Call resource. It is idempotent here: 20404
 is already over. 429 and 5xx (and timeouts, refused connections) are retried with
 exponential backoff, honouring `Retry-After`, a bounded number of times and within
 a total deadline, so teardown is never held forever by a slow API.
+
+A hang-up announced ahead (`expect_request`, while the goodbye plays) finds a connection
+to the API already open: a new one costs TCP and TLS set-up first (two round trips to
+Twilio), and under load the turns of the event loop each step takes (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from twilio.base.exceptions import TwilioRestException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
+from yarl import URL
 
 # The SDK imports its REST resources on first use (`client.calls`): ~80 ms of imports that
 # would block the event loop at the first hang-up after start (measured in bench/: the first
@@ -101,6 +106,16 @@ class RetryPolicy:
     max_delay: float = 4.0
 
 
+# At most this many connections are kept idle ahead of expected requests. When 200 calls
+# ended within 2 s (bench/), their hang-ups opened 3 to 27 new connections without this; with
+# a cap of 8 still 3-7 (the expected outnumbered it), with 32 0-8. Idle connections cost
+# the API nothing, and aiohttp closes one unused for 15 s.
+WARM_CONNECTIONS = 32
+# An announced request that never came (the call ended some other way) stops counting after
+# this long.
+EXPECTED_FOR_S = 30.0
+
+
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, TwilioRestException):
         status = int(exc.status)
@@ -130,6 +145,10 @@ class TwilioCallControl:
         self._api_base_url = api_base_url.rstrip("/")
         self._client: Client | None = None
         self._http: _HttpClient | None = None
+        self._expected: dict[str, float] = {}  # call sid -> when its request was announced
+        self._topping_up: asyncio.Task[None] | None = None
+        self._demand = asyncio.Event()  # an announcement, or a connection opened ahead
+        self.connections_opened_ahead = 0
 
     def __repr__(self) -> str:
         return f"TwilioCallControl(account_sid={self._account_sid!r}, api_base_url={self._api_base_url!r})"
@@ -147,10 +166,110 @@ class TwilioCallControl:
         return self._client
 
     async def aclose(self) -> None:
+        if self._topping_up is not None:
+            self._topping_up.cancel()
+            await asyncio.gather(self._topping_up, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
         self._http = None
         self._client = None
+
+    # -- connections opened ahead ---------------------------------------------------------
+
+    def expect_request(self, call_sid: str) -> None:
+        """A request about `call_sid` (its hang-up) is due soon: if fewer connections to the
+        API sit idle or are being opened than requests are expected (up to
+        `WARM_CONNECTIONS`), open more now."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._expected[call_sid] = now
+        for sid, at in list(self._expected.items()):
+            if now - at > EXPECTED_FOR_S:
+                del self._expected[sid]
+        self._demand.set()
+        if self._topping_up is None or self._topping_up.done():
+            self._topping_up = loop.create_task(self._top_up(), name="twilio-connect-ahead")
+
+    def _wanted(self) -> int:
+        return min(len(self._expected), WARM_CONNECTIONS)
+
+    def _session(self) -> aiohttp.ClientSession | None:
+        _ = self.client  # the SDK's HTTP client and its aiohttp session, made on first use
+        session = getattr(self._http, "session", None)
+        return session if isinstance(session, aiohttp.ClientSession) else None
+
+    def _bare_request(self) -> aiohttp.ClientRequest:
+        # Filed in the pool under the same key as the SDK's requests: the same scheme, host
+        # and port, default TLS settings, no proxy.
+        return aiohttp.ClientRequest("POST", URL(self._api_base_url), loop=asyncio.get_running_loop())
+
+    def _idle_connections(self, session: aiohttp.ClientSession) -> int:
+        # aiohttp has no public count of a pool's idle connections; `_conns` is where it keeps
+        # them (3.9 to 3.14). With another layout this counts none, and connections are opened
+        # up to the cap: more than needed, never fewer.
+        pool = getattr(session.connector, "_conns", None)
+        try:
+            return len(pool.get(self._bare_request().connection_key, ())) if pool is not None else 0
+        except (AttributeError, TypeError, ValueError):
+            return 0
+
+    async def _connect(self, session: aiohttp.ClientSession) -> Any:
+        """A connection from the pool (an idle one, else a new one), or what went wrong. Each
+        is bounded on its own, so that one a connect got is given back even when another
+        times out."""
+        assert session.connector is not None
+        try:
+            async with asyncio.timeout(self.retry.request_timeout):
+                return await session.connector.connect(self._bare_request(), [], session.timeout)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return exc
+
+    async def _top_up(self) -> None:
+        """Keeps idle + opening connections up to the expected requests, re-counting at each
+        announcement and each connection opened. A connect takes an idle connection if there
+        is one, so the idle ones are held while new connects start (these then find the pool
+        empty and open new ones) and given back at once, before those finish: a request
+        meanwhile finds them. A failure ends it until the next announcement."""
+        session = self._session()
+        if session is None or session.connector is None:
+            return
+        opening: set[asyncio.Future[Any]] = set()
+        try:
+            while True:
+                self._demand.clear()
+                idle = self._idle_connections(session)
+                missing = self._wanted() - idle - len(opening)
+                if missing > 0:
+                    held = [await self._connect(session) for _ in range(idle)]  # the pool's, no wait
+                    for _ in range(missing):
+                        task: asyncio.Future[Any] = asyncio.ensure_future(self._connect(session))
+                        task.add_done_callback(lambda _: self._demand.set())
+                        opening.add(task)
+                    await asyncio.sleep(0)  # the connects above have looked in the pool
+                    for got in held:
+                        if not isinstance(got, BaseException):
+                            got.release()
+                elif not opening:
+                    return
+                await self._demand.wait()
+                for done in [t for t in opening if t.done()]:
+                    opening.discard(done)
+                    opened = done.result()
+                    if isinstance(opened, BaseException):
+                        raise opened
+                    opened.release()  # into the pool, idle, for the requests that follow
+                    self.connections_opened_ahead += 1
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            # Only a head start lost: each request connects as it always did.
+            log_event(log, "twilio.connect_ahead_failed", logging.INFO, error=_describe(exc))
+        except Exception:
+            log.exception("twilio: opening connections ahead failed")
+        finally:
+            for left in opening:
+                if not left.done():
+                    left.cancel()
+                elif not left.cancelled() and not isinstance(left.result(), BaseException):
+                    left.result().release()  # opened, not yet counted: still the pool's
 
     async def _with_retries(self, operation: str, call_sid: str, op: Callable[[], Awaitable[T]]) -> T:
         what = f"{operation} of {call_sid}"
@@ -197,6 +316,8 @@ class TwilioCallControl:
         raise CallControlError(f"{what} failed: {detail}") from last
 
     async def hangup(self, call_sid: str) -> HangupOutcome:
+        self._expected.pop(call_sid, None)
+
         async def op() -> HangupOutcome:
             try:
                 await self.client.calls(call_sid).update_async(status="completed")
@@ -212,6 +333,7 @@ class TwilioCallControl:
         """Hand the call to `destination`: its TwiML as given, or a `<Dial>` to its
         number or SIP URI (with its caller ID)."""
         twiml = destination.instructions or dial_twiml(destination)
+        self._expected.pop(call_sid, None)
 
         async def op() -> None:
             await self.client.calls(call_sid).update_async(twiml=twiml)
