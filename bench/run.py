@@ -672,7 +672,7 @@ def trace_summary(trace: dict[str, Any], calls: list[dict[str, Any]]) -> dict[st
     it -> the REST hang-up started -> the request reached the REST stub (kernel stamp)."""
     from common import call_sid_of
 
-    parts: dict[str, list[float]] = {k: [] for k in ("read", "wake", "send", "total", "new_conn")}
+    parts: dict[str, list[float]] = {k: [] for k in ("read", "wake", "send", "total", "new_conn", "lead")}
     rows = []
     for c in calls:
         t = trace["calls"].get(call_sid_of(c["index"]), {})
@@ -686,6 +686,8 @@ def trace_summary(trace: dict[str, Any], calls: list[dict[str, Any]]) -> dict[st
             "send": (wire - t["hangup_start"]) * 1000,
             "total": (wire - sent) * 1000,
             "new_conn": (t["conn_end"] - t["conn_start"]) * 1000 if "conn_end" in t else None,
+            # How long before the hang-up started it was announced (None: it was not).
+            "lead": (t["hangup_start"] - t["expected"]) * 1000 if "expected" in t else None,
             "at": wire,
         }
         rows.append(row)

@@ -5,7 +5,8 @@ path of the system under test (callbridge only) and names the output file in
 `BENCH_TRACE_OUT`. Nothing here changes what the server does; it records, with
 `time.monotonic()` (the clock the load generators stamp with):
 
-- each call's hang-up: when the server read the goodbye's last mark (`Call._on_mark`),
+- each call's hang-up: when it was announced to the call control (`expect_request`, if the
+  version measured has it), when the server read the goodbye's last mark (`Call._on_mark`),
   when the REST hang-up started and ended, and, through aiohttp's trace hooks, whether
   the request opened a new connection and when the request was sent;
 - the event loop's lateness: a timer due every 2 ms, with how late each run of it came;
@@ -119,6 +120,15 @@ def _patch() -> None:
     trace.on_connection_reuseconn.append(hook("conn_reused"))
     trace.on_request_headers_sent.append(hook("headers_sent"))
     trace.on_request_end.append(hook("response"))
+
+    expect = getattr(control.TwilioCallControl, "expect_request", None)
+    if expect is not None:
+
+        def traced_expect(self: Any, call_sid: str) -> None:
+            _call(call_sid)["expected"] = time.monotonic()
+            expect(self, call_sid)
+
+        control.TwilioCallControl.expect_request = traced_expect  # type: ignore[method-assign]
 
     init = control._HttpClient.__init__
 
