@@ -703,7 +703,7 @@ def trace_summary(trace: dict[str, Any], calls: list[dict[str, Any]]) -> dict[st
         out["goodbye_loop_late_max_ms"] = max(late, default=0.0)
         out["goodbye_full_gcs_ms"] = [round(ms, 1) for at, ms in trace["full_gcs"] if first <= at <= last]
     out["slowest"] = [
-        {k: (round(v, 1) if isinstance(v, float) and k != "at" else v) for k, v in r.items() if k != "at"}
+        {k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items() if k != "at"}
         for r in sorted(rows, key=lambda r: -r["total"])[:8]
     ]
     return out

@@ -230,11 +230,11 @@ class TwilioCallControl:
         is one, so the idle ones are held while new connects start (these then find the pool
         empty and open new ones) and given back at once, before those finish: a request
         meanwhile finds them. A failure ends it until the next announcement."""
-        session = self._session()
-        if session is None or session.connector is None:
-            return
         opening: set[asyncio.Future[Any]] = set()
         try:
+            session = self._session()  # makes the SDK's client on first use: inside the guard
+            if session is None or session.connector is None:
+                return
             while True:
                 self._demand.clear()
                 idle = self._idle_connections(session)
