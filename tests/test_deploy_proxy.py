@@ -94,14 +94,20 @@ async def test_calls_through_the_reverse_proxy_reach_both_instances(
             async with httpx.AsyncClient(
                 base_url=public, headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10
             ) as api:
+                seen: set[str] = set()
 
                 async def proxy_up() -> bool:
+                    # Until Caddy has sent a request to each instance: an instance its health
+                    # check has not passed yet gets none, and every call would go to the other.
                     try:
-                        return (await api.get("/readyz")).status_code == 200
+                        resp = await api.get("/readyz")
                     except httpx.HTTPError:
                         return False
+                    if resp.status_code == 200:
+                        seen.add(resp.json()["instance"])
+                    return len(seen) == 2
 
-                await wait_until_async(proxy_up, 15, "caddy proxying to the instances")
+                await wait_until_async(proxy_up, 15, "caddy proxying to both instances")
                 calls = []
                 for n in range(4):
                     # Round robin alternates webhook and stream between the instances (each call
