@@ -168,69 +168,13 @@ class AnnouncedControl(RecordingControl):
         self.leg.log.append("expect")
 
 
-class LoopTurns:
-    """Counts turns of the event loop: a callback that schedules itself again runs once in
-    each turn (a loop runs only the callbacks that were ready when the turn began)."""
-
-    def __init__(self) -> None:
-        self.now = 0
-        self._loop = asyncio.get_running_loop()
-        self._handle = self._loop.call_soon(self._tick)
-
-    def _tick(self) -> None:
-        self.now += 1
-        self._handle = self._loop.call_soon(self._tick)
-
-    def stop(self) -> None:
-        self._handle.cancel()
-
-
-class TurnStampedLeg(QueueLeg):
-    """A `QueueLeg` that notes the turn of the loop in which the bridge took each mark."""
-
-    turns: LoopTurns
-
-    async def events(self) -> AsyncIterator[TelephonyEvent]:
-        async for event in super().events():
-            if isinstance(event, MarkPlayed):
-                self.log.append(f"mark read in turn {self.turns.now}")
-            yield event
-
-
-class TurnStampedControl(RecordingControl):
-    async def hangup(self, call_sid: str) -> HangupOutcome:
-        assert isinstance(self.leg, TurnStampedLeg)
-        self.leg.log.append(f"hangup sent in turn {self.leg.turns.now}")
-        return await super().hangup(call_sid)
-
-
-class CancelledMidHangupControl(RecordingControl):
-    """Its first hang-up request is cancelled part-way, as `asyncio.run` cancels every task
-    left when a program stops; the task it ran in is noted."""
-
-    def __init__(self, leg: QueueLeg) -> None:
-        super().__init__(leg)
-        self.ran_in: list[str] = []
-
-    async def hangup(self, call_sid: str) -> HangupOutcome:
-        task = asyncio.current_task()
-        assert task is not None
-        self.ran_in.append(task.get_name())
-        outcome = await super().hangup(call_sid)
-        if len(self.ran_in) == 1:
-            task.cancel()
-            await asyncio.sleep(3600)
-        return outcome
-
-
 async def run_call(
     agent: ScriptedAgent,
     options: CallOptions | None = None,
     hooks: CallHooks | None = None,
     control_class: type[RecordingControl] = RecordingControl,
-    leg_class: type[QueueLeg] = QueueLeg,
 ) -> tuple[CallRecord, QueueLeg, RecordingControl]:
-    leg = leg_class("CALL-1")
+    leg = QueueLeg("CALL-1")
     control = control_class(leg)
     bridge = Bridge(lambda ctx: agent, control, options or CallOptions(), hooks, leg_factory=lambda sock: leg)
     record = await asyncio.wait_for(bridge.handle_media_stream(leg), 10)  # type: ignore[arg-type]
@@ -257,37 +201,6 @@ async def test_a_control_that_can_prepare_is_told_of_the_hang_up_while_the_goodb
     # Told before the goodbye's last chunk had played; the hang-up after it.
     last_played = max(i for i, e in enumerate(leg.log) if e == "played")
     assert leg.log.index("expect") < last_played < leg.log.index("hangup")
-
-
-async def test_the_hang_up_is_sent_in_the_turn_of_the_loop_that_read_the_last_mark() -> None:
-    # Near saturation a turn of the loop takes tens of ms: the hang-up must not wait one more.
-    TurnStampedLeg.turns = turns = LoopTurns()
-    try:
-        agent = ScriptedAgent(["Hello.", "Goodbye."])
-        record, leg, control = await run_call(
-            agent, control_class=TurnStampedControl, leg_class=TurnStampedLeg
-        )
-    finally:
-        turns.stop()
-    assert record.end_reason == "agent_ended" and control.requests == [("hangup", "CALL-1")]
-    stamps = [e for e in leg.log if " in turn " in e]
-    assert len(stamps) == 3, leg.log  # two marks, one hang-up
-    last_mark_turn = stamps[1].rsplit(" ", 1)[1]
-    assert stamps[2] == f"hangup sent in turn {last_mark_turn}"
-    assert leg.log[-1] == "closed"
-
-
-async def test_a_hang_up_cancelled_part_way_is_sent_again_by_the_teardown() -> None:
-    agent = ScriptedAgent(["Hello.", "Goodbye."])
-    record, leg, control = await run_call(agent, control_class=CancelledMidHangupControl)
-    assert isinstance(control, CancelledMidHangupControl)
-    # The reader of the last mark started it and was cancelled; the teardown sent it again
-    # before it closed the stream, and the record says the phone leg was hung up.
-    assert control.ran_in[0] == "telephony-reader" and len(control.ran_in) == 2
-    assert control.ran_in[1] != "telephony-reader"
-    assert leg.log.index("hangup") < leg.log.index("closed")
-    hangups = [e for e in record.timeline if e["event"] == "phone.hangup"]
-    assert [e["outcome"] for e in hangups] == ["completed"]
 
 
 async def test_a_call_the_caller_ends_announces_no_request() -> None:

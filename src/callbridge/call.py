@@ -198,12 +198,6 @@ class Call:
         self._stream_open = True
         self._end_call_hooks_ran = False
         self._last_mark_at: float | None = None
-        # Set while the teardown waits for the goodbye's last mark: the reason the call ends,
-        # so that the reader which reads that mark can end the phone leg in the same turn.
-        self._phone_leg_after_mark: EndReason | None = None
-        # The phone leg's end, run once by whichever task gets there first: done with True,
-        # or with False if that task was cancelled before it finished (the next one runs it).
-        self._phone_leg_run: asyncio.Future[bool] | None = None
         self._last_activity = loop.time()
         self._to_agent: AudioConverter | None = None
         self._to_caller: AudioConverter | None = None
@@ -565,9 +559,6 @@ class Call:
                 m["frames_to_agent"] += 1
             elif type(event) is MarkPlayed:
                 self._on_mark(event)
-                after = self._phone_leg_after_mark
-                if after is not None and self._marks_drained.is_set() and self._phone_leg_run is None:
-                    await self._end_phone_leg_now(after)
             elif type(event) is CallerHungUp:
                 self._mark("caller.stop")
                 if self._transfer == "redirecting":
@@ -612,17 +603,6 @@ class Call:
         if self.telephony.pending_marks == 0:
             self._last_mark_at = now
         self._sync_drained()
-
-    async def _end_phone_leg_now(self, reason: EndReason) -> None:
-        """The caller heard the goodbye's last mark: end the phone leg from this reader, in
-        the turn of the loop that read the mark. The teardown, woken by the same mark, would
-        run a turn later, and near saturation a turn of the loop takes tens of ms. The teardown
-        still waits for this to finish before it closes the agent and the stream."""
-        self._phone_leg_after_mark = None
-        try:
-            await self._end_phone_leg(reason)
-        except Exception:
-            log.exception("ending the phone leg of call %s after the goodbye failed", self.call_sid)
 
     def _arm_silence_timer(self, delay: float) -> None:
         self._silence_timer = self._loop.call_later(delay, self._silence_check)
@@ -1044,13 +1024,10 @@ class Call:
             # The hang-up (or the fallback's redirect) follows the goodbye's last mark: a
             # connection for it can be opened while the goodbye plays.
             self.control.expect_request(self.call_sid)
-        if self._transfer is None:
-            # The reader that reads the last mark ends the phone leg (`_end_phone_leg_now`).
-            # Not during a transfer: its redirect's answer comes through that reader.
-            self._phone_leg_after_mark = reason
         t = self._loop.time()
         try:
-            # Not wait_for: on Python 3.11 it waits in a task of its own, a turn later.
+            # Not wait_for: on Python 3.11 it waits in a task of its own, and the hang-up
+            # that follows the last mark would start two turns of the loop later.
             async with asyncio.timeout(self.options.final_audio_timeout):
                 await self._marks_drained.wait()
         except TimeoutError:
@@ -1061,33 +1038,9 @@ class Call:
                 call_sid=self.call_sid,
                 pending_marks=self.telephony.pending_marks,
             )
-        finally:
-            self._phone_leg_after_mark = None
         self.metrics["final_audio_wait_ms"] = round((self._loop.time() - t) * 1000, 1)
 
     async def _step_phone_leg(self, reason: EndReason) -> None:
-        await self._end_phone_leg(reason)
-
-    async def _end_phone_leg(self, reason: EndReason) -> None:
-        """Hang up (or redirect to the fallback) once, from the teardown or from the reader
-        of the goodbye's last mark, whichever comes first; the other waits for it."""
-        while (running := self._phone_leg_run) is not None:
-            if await asyncio.shield(running):
-                return
-            # the task running it was cancelled part-way: run it here (a second hang-up of an
-            # ended call is answered as already ended)
-        run = self._phone_leg_run = self._loop.create_future()
-        try:
-            await self._phone_leg_request(reason)
-        except asyncio.CancelledError:
-            self._phone_leg_run = None
-            run.set_result(False)
-            raise
-        finally:
-            if not run.done():
-                run.set_result(True)
-
-    async def _phone_leg_request(self, reason: EndReason) -> None:
         call_sid = self.call_sid
         action = END_POLICY[reason].phone
         if self._transfer == "redirecting":
