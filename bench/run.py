@@ -940,6 +940,13 @@ def main() -> int:
         help="the load: default (the agent talks 2 s, listens 2 s) or continuous (a 100 ms chunk every "
         "100 ms, each followed by a mark); callers send 20 ms frames in both",
     )
+    p.add_argument(
+        "--goodbye-spread",
+        type=float,
+        default=2.0,
+        help="seconds over which the N agents start their goodbyes (calls end at N/spread a second; "
+        "2 s by default, the burst issue 17's hang-up target is measured on)",
+    )
     p.add_argument("--py-spy", default=None, help="py-spy the SUT during the window (one system, one N)")
     p.add_argument(
         "--base",
@@ -989,7 +996,7 @@ def main() -> int:
         )
         chosen = [s for s in chosen if s.name not in missing]
     timing = (
-        Timing(steady_s=steady)
+        Timing(steady_s=steady, goodbye_spread_s=args.goodbye_spread)
         if not args.smoke
         # An agent in its 2 s listening pause at its goodbye time says the goodbye (1 s) after the
         # pause: the callers must wait that long before hanging up themselves (1.5 s cut off the
