@@ -421,7 +421,7 @@ async def test_stream_messages_pacing_marks_and_clear() -> None:
         await server.send_mark("one")
         await server.wait_for(lambda: any(m["mark"]["name"] == "one" for m in server.events("mark")))
         mark_delay = loop.time() - sent_at
-        assert 0.9 <= mark_delay <= 1.3, mark_delay
+        assert 0.9 <= mark_delay <= 1.6, mark_delay  # not before it played; slack for a busy CI machine
         frames_in_second = sum(
             1 for t, m in server.messages if m["event"] == "media" and sent_at <= t < sent_at + 1.0
         )
@@ -435,7 +435,7 @@ async def test_stream_messages_pacing_marks_and_clear() -> None:
         sent_at = loop.time()
         await server.send_mark("idle")
         await server.wait_for(lambda: any(m["mark"]["name"] == "idle" for m in server.events("mark")))
-        assert loop.time() - sent_at < 0.1
+        assert loop.time() - sent_at < 0.5  # far less than any audio buffered: nothing to wait for
 
         # clear: the buffer empties at once, pending marks come back at once, playback stops.
         await server.send_audio(mulaw_ramp(16000))
@@ -444,7 +444,7 @@ async def test_stream_messages_pacing_marks_and_clear() -> None:
         sent_at = loop.time()
         await server.send({"event": "clear", "streamSid": caller.stream_sid})
         await server.wait_for(lambda: any(m["mark"]["name"] == "two" for m in server.events("mark")))
-        assert loop.time() - sent_at < 0.1
+        assert loop.time() - sent_at < 0.5  # about 1.7 s of the 2 s were still to play
         assert caller.marks_echoed[-1][1:] == ("two", True)
         assert len(caller.clears) == 1
         played = len(caller.played_audio)
