@@ -130,12 +130,17 @@ async def test_live_call_appears_grows_and_is_hung_up_from_the_console(
     assert not problems, problems
 
 
+LAST_HOUR_SEEDED = 50
+
+
 def seeded_rows(n: int, now: datetime) -> list[dict[str, Any]]:
-    """`n` ended calls, one a minute back from `now`, end reasons in turn."""
+    """`n` ended calls, one a minute back from `now`, end reasons in turn; none started 51 to 70
+    minutes back, so the last hour holds the first 50 however long the test takes (under 10
+    minutes), whatever minute its summary is read in."""
     reasons = ["agent_ended", "caller_hung_up", "silence_timeout", "max_duration"]
     rows = []
     for i in range(n):
-        started = now - timedelta(minutes=i + 1)
+        started = now - timedelta(minutes=i + 1 if i < LAST_HOUR_SEEDED else i + 21)
         rows.append(
             {
                 "call_sid": f"CA{i:032x}",
@@ -251,15 +256,16 @@ async def test_sign_in_records_filters_paging_and_a_finished_call(
             assert [r[1] for r in await rows_shown(page)] == [f"CA{i:032x}" for i in range(10, 20)]
 
             # At a glance: the last hour's calls per minute and end reasons, from the records.
-            await expect(page.locator("#per-minute-caption")).to_contain_text("last hour: 60 in all")
+            # The 50 seeded calls of the last hour and the real one.
+            await expect(page.locator("#per-minute-caption")).to_contain_text("last hour: 51 in all")
             reasons = await page.locator("#end-reasons tbody tr").evaluate_all(
                 "rows => Object.fromEntries(rows.map(r => [r.cells[0].textContent, r.cells[1].textContent]))"
             )
             assert reasons == {
-                "agent_ended": "16",
-                "caller_hung_up": "15",
-                "silence_timeout": "15",
-                "max_duration": "14",
+                "agent_ended": "14",  # 13 seeded (the 1st, 5th, ... 49th) and the real call
+                "caller_hung_up": "13",
+                "silence_timeout": "12",
+                "max_duration": "12",
             }
 
             # The finished call's page: transcript, end reason, timeline, latency, raw JSON.
