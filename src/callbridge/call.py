@@ -409,7 +409,8 @@ class Call:
     async def _run_until_end_requested(self) -> None:
         self.record.started_at = _now()
         try:
-            info = await asyncio.wait_for(self.telephony.start(), self.options.start_timeout)
+            async with asyncio.timeout(self.options.start_timeout):
+                info = await self.telephony.start()
         except TimeoutError:
             self.request_end(EndReason.TELEPHONY_ERROR, "no start message from the media stream")
             return
@@ -1093,10 +1094,12 @@ class Call:
     async def _step_close_agent(self, reason: EndReason) -> None:
         if self.agent is not None:
             code = END_POLICY[reason].agent_close_code
-            await asyncio.wait_for(self.agent.close(code), self.options.close_timeout)
+            async with asyncio.timeout(self.options.close_timeout):
+                await self.agent.close(code)
 
     async def _step_close_stream(self, reason: EndReason) -> None:
-        await asyncio.wait_for(self.telephony.close(), self.options.close_timeout)
+        async with asyncio.timeout(self.options.close_timeout):
+            await self.telephony.close()
 
     async def _step_cancel_tasks(self, reason: EndReason) -> None:
         await self._cancel_tasks()
@@ -1156,7 +1159,8 @@ class Call:
         if when == "start":
             self.record.status = "active"
         try:
-            await asyncio.wait_for(self.sink.save(self.record), self.options.persist_timeout)
+            async with asyncio.timeout(self.options.persist_timeout):
+                await self.sink.save(self.record)
         except Exception as exc:
             log_event(
                 log, "record.save_failed", logging.ERROR, call_sid=self.call_sid, when=when, error=repr(exc)

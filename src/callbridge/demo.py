@@ -115,7 +115,8 @@ class Keep:
         self.waiting = True
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), None if endless else self.seconds)
+                async with asyncio.timeout(None if endless else self.seconds):
+                    await self.stop.wait()
         finally:
             self.waiting = False
 
@@ -252,7 +253,8 @@ async def demo_server(
             finally:
                 server.should_exit = True  # at once, no drain: also on Ctrl-C (cancelled)
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(serving, 10)
+                    async with asyncio.timeout(10):
+                        await serving
                 sock.close()
         store = CallStore(db_url)
         try:
@@ -285,7 +287,8 @@ async def run_demo(verbose: bool = False, keep: Keep | None = None) -> int:
                 # The caller answers once the agent's line has played to the end.
                 await stream.wait_until(line_played, timeout=30)
                 stream.say(load_speech(caller_line))
-            await asyncio.wait_for(run.ended.wait(), 60)
+            async with asyncio.timeout(60):
+                await run.ended.wait()
             await call.wait_ended(10)
             out.line(f"Twilio call status: {call.status} ({call.end_cause})")
             if keep is not None:

@@ -83,7 +83,8 @@ async def run_transfer_demo(verbose: bool = False) -> int:
             out.line(f"agent received user_message: {conv.user_messages()[0]!r}")
             await _wait(lambda: bool(conv.tool_calls), 20)
             out.line(f"agent calls transfer_call {conv.tool_calls[0]['parameters']}")
-            await asyncio.wait_for(run.ended.wait(), 60)
+            async with asyncio.timeout(60):
+                await run.ended.wait()
             redirect_at = _redirect_time(twilio, call.sid)
             if redirect_at is not None:
                 dial = call.dials[0] if call.dials else None

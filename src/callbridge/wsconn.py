@@ -419,7 +419,8 @@ class WSConnection(asyncio.Protocol):
     async def _until_lost(self, timeout: float) -> None:
         """Wait up to `timeout` for the TCP connection to close; then abort it."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._lost), timeout)
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._lost)
         if not self._lost.done():
             self.transport.abort()
             await self._lost

@@ -209,7 +209,8 @@ class Fleet:
                 await task
         if self._listener is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._listener.close(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self._listener.close()
             self._listener = None
 
     async def release(self, calls_written: bool) -> None:
@@ -293,7 +294,8 @@ class Fleet:
             await self.beat_once()
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self.wake.wait()
 
     async def beat_once(self) -> None:
         """Renew the lease, then reconcile dead runs (each step isolated)."""
@@ -521,9 +523,8 @@ class Fleet:
 
         dsn = make_url(self.store.url).set(drivername="postgresql").render_as_string(hide_password=False)
         self._dsn = dsn
-        conn = await asyncio.wait_for(
-            asyncpg.connect(dsn, timeout=self.tables.timeout), self.tables.timeout + 1
-        )
+        async with asyncio.timeout(self.tables.timeout + 1):
+            conn = await asyncpg.connect(dsn, timeout=self.tables.timeout)
         await conn.add_listener(CHANNEL, self._on_notify)
         conn.add_termination_listener(self._on_listener_lost)
         self._listener = conn
@@ -657,7 +658,8 @@ class Fleet:
         message = {"to": holder, "kind": kind, "call_sid": call_sid, "req": req, "args": args}
         try:
             await self._send(message)
-            reply = await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                reply = await future
         except Exception as exc:
             log_event(
                 log,
@@ -694,7 +696,8 @@ class Fleet:
 # For the composition: a run of `Fleet.start` bounded like the store's opening.
 async def join(fleet: Fleet, timeout: float) -> None:
     try:
-        await asyncio.wait_for(fleet.start(), timeout)
+        async with asyncio.timeout(timeout):
+            await fleet.start()
     except FleetError:
         raise
     except Exception as exc:

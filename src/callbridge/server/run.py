@@ -130,7 +130,8 @@ class GracefulServer(uvicorn.Server):
         async def end() -> None:
             bind_call(None)  # (a signal lands in whatever task runs: not that call's line)
             try:
-                await asyncio.wait_for(self.state.bridge.shutdown(0), ENDING_TIMEOUT_S)
+                async with asyncio.timeout(ENDING_TIMEOUT_S):
+                    await self.state.bridge.shutdown(0)
             except TimeoutError:
                 log.warning("live calls did not end within %g s: stopping anyway", ENDING_TIMEOUT_S)
             finally:

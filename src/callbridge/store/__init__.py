@@ -176,7 +176,8 @@ class CallStore(Reads):
         """A step of opening the database, bounded; a failure releases the connections
         and becomes the one-line `DatabaseError`."""
         try:
-            return await asyncio.wait_for(work, timeout)
+            async with asyncio.timeout(timeout):
+                return await work
         except Exception as exc:
             await self._dispose(self.timeout)
             raise _start_error(exc, self.url) from None
@@ -197,7 +198,8 @@ class CallStore(Reads):
         if self._writer_task is not None:
             if self._pending and self._healthy:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._idle.wait(), left(0.0) * 0.8)
+                    async with asyncio.timeout(left(0.0) * 0.8):
+                        await self._idle.wait()
             self._writer_task.cancel()
             # A pass cut short on a hung server finishes its clean-up on its own.
             await asyncio.wait({self._writer_task}, timeout=left(0.1) / 2)
@@ -218,12 +220,14 @@ class CallStore(Reads):
 
     async def _dispose(self, timeout: float) -> None:
         try:
-            await asyncio.wait_for(self.engine.dispose(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.engine.dispose()
         except (TimeoutError, SQLAlchemyError, OSError) as exc:
             # A hung server never answers the goodbye: drop the connections without it.
             log.warning("store: closing database connections: %s", short(exc))
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.engine.dispose(close=False), 0.3)
+                async with asyncio.timeout(0.3):
+                    await self.engine.dispose(close=False)
 
     @property
     def pending(self) -> int:
@@ -237,7 +241,8 @@ class CallStore(Reads):
     async def wait_written(self, timeout: float) -> bool:
         """Wait until every queued write is in the database (True), or `timeout` passes."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
         except TimeoutError:
             return False
         return True

@@ -262,7 +262,8 @@ class ElevenLabsSession:
         self._closing = True
         self._open = False
         try:
-            await asyncio.wait_for(ws.close(code, "call ended"), self.config.close_timeout + 0.5)
+            async with asyncio.timeout(self.config.close_timeout + 0.5):
+                await ws.close(code, "call ended")
         except (TimeoutError, OSError):
             pass
         finally:

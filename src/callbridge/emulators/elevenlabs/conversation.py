@@ -81,4 +81,5 @@ class EmulatedConversation:
         return len(self.user_audio) / bytes_per_second(self.script.input_format)
 
     async def wait_closed(self, timeout: float = 5.0) -> None:
-        await asyncio.wait_for(self.closed.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self.closed.wait()

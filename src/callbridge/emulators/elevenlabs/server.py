@@ -105,7 +105,8 @@ class AgentEmulator(AsyncService):
             return
         server.close()
         try:
-            await asyncio.wait_for(server.wait_closed(), self.close_timeout + 1.0)
+            async with asyncio.timeout(self.close_timeout + 1.0):
+                await server.wait_closed()
         except TimeoutError:
             # A peer that ignores the closing handshake must not hold the emulator open.
             for connection in list(server.connections):
@@ -148,9 +149,8 @@ class AgentEmulator(AsyncService):
     ) -> list[EmulatedConversation]:
         """Wait until ``n`` connections have been accepted; returns the first ``n``."""
         async with self._new_conversation:
-            await asyncio.wait_for(
-                self._new_conversation.wait_for(lambda: len(self.conversations) >= n), timeout
-            )
+            async with asyncio.timeout(timeout):
+                await self._new_conversation.wait_for(lambda: len(self.conversations) >= n)
         return self.conversations[:n]
 
     # ---- HTTP side -----------------------------------------------------------------------

@@ -80,7 +80,8 @@ class Session(Connection):
     async def _run_script(self) -> None:
         script = self.script
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._activity.wait(), script.client_data_timeout)
+            async with asyncio.timeout(script.client_data_timeout):
+                await self._activity.wait()
         if script.metadata_delay > 0:
             await asyncio.sleep(script.metadata_delay)
         if not script.send_metadata:
@@ -284,7 +285,8 @@ class Session(Connection):
             self._log(f"tool call {step.tool_name} ({tool_call_id}) sent, not waiting")
             return
         try:
-            result = await asyncio.wait_for(asyncio.shield(waiter), step.timeout)
+            async with asyncio.timeout(step.timeout):
+                result = await asyncio.shield(waiter)
         except TimeoutError:
             self._log(
                 f"timeout: no client_tool_result for {step.tool_name} ({tool_call_id}) in {step.timeout} s"

@@ -395,9 +395,8 @@ class TwilioCallControl:
             kwargs["async_amd_status_callback"] = machine_detection_url
             kwargs["async_amd_status_callback_method"] = "POST"
         try:
-            call = await asyncio.wait_for(
-                self.client.calls.create_async(**kwargs), self.retry.request_timeout
-            )
+            async with asyncio.timeout(self.retry.request_timeout):
+                call = await self.client.calls.create_async(**kwargs)
         except (TwilioRestException, TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise CallControlError(f"outbound call to {to} failed: {_describe(exc)}") from exc
         return PlacedCall(call_sid=str(call.sid), status=str(call.status))

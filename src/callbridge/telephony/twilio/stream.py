@@ -88,7 +88,8 @@ class TwilioMediaStream:
         self._closed_by_bridge = True
         self._open = False
         try:
-            await asyncio.wait_for(self._socket.close(1008, "stream refused"), self._close_timeout)
+            async with asyncio.timeout(self._close_timeout):
+                await self._socket.close(1008, "stream refused")
         except TimeoutError:
             pass
         raise TelephonyError(f"media stream refused: {problem}")
@@ -152,6 +153,7 @@ class TwilioMediaStream:
         self._closed_by_bridge = True
         self._open = False
         try:
-            await asyncio.wait_for(self._socket.close(1000, "call ended"), self._close_timeout)
+            async with asyncio.timeout(self._close_timeout):
+                await self._socket.close(1000, "call ended")
         except TimeoutError:
             log.warning("closing the Twilio media stream timed out")
