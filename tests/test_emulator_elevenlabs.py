@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import json
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -1060,3 +1062,19 @@ async def test_stop_with_clients_still_connected() -> None:
     assert (first.closed_by, first.close_code) == ("server", 1001)
     assert second.closed.is_set()
     await assert_no_tasks()
+
+
+async def test_a_connection_task_cancelled_before_it_ran_leaves_no_unawaited_coroutine() -> None:
+    # The connection closed in the same turn of the loop as a task (the pinger, the script) was
+    # spawned: no "coroutine ... was never awaited" warning (it reached the demo's stderr).
+    from callbridge.emulators.elevenlabs.connection import Connection
+
+    script = AgentScript(steps=[], ping_interval=0.01)
+    conv = EmulatedConversation(0, "agent", "conv_x", {}, {}, script)
+    conn = Connection(None, conv)  # type: ignore[arg-type]  # the socket is never touched here
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        conn._spawn(conn._ping_loop(0.01), "ping")
+        await conn._tasks.cancel_all()
+        gc.collect()
+    assert [str(w.message) for w in caught] == []

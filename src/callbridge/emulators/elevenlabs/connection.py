@@ -79,7 +79,10 @@ class Connection:
                 await self._close(1011, "Emulator error")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        self._tasks.spawn(self._guard(coro), name=f"el-emu-{name}-{self.conv.index}")
+        task = self._tasks.spawn(self._guard(coro), name=f"el-emu-{name}-{self.conv.index}")
+        # Cancelled before it ever ran (the connection closed at once), the guard never awaits
+        # `coro`: close it, or Python warns "coroutine ... was never awaited" on stderr.
+        task.add_done_callback(lambda _: coro.close())
 
     # ---- sending -------------------------------------------------------------------------
 

@@ -67,7 +67,7 @@ class Session(Connection):
 
     async def run(self) -> None:
         self._tasks.spawn(self._read_loop(), name=f"el-emu-read-{self.conv.index}")
-        self._tasks.spawn(self._guard(self._run_script()), name=f"el-emu-script-{self.conv.index}")
+        self._spawn(self._run_script(), "script")
         try:
             await self.ws.wait_closed()
         finally:
