@@ -198,15 +198,10 @@ class Fleet:
         """Stop the heartbeat, the listener and any reconciliation under way (the lease is
         kept until `release`)."""
         self._closed = True
+        # The heartbeat first: the reconciliations it started are then all in `_tasks`.
         if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._heartbeat
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await _cancel_and_wait([self._heartbeat])
+        await _cancel_and_wait(list(self._tasks))
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
@@ -691,6 +686,14 @@ class Fleet:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait until they have ended, without raising how they ended; a
+    cancellation of the caller is not swallowed (as `suppress(CancelledError)` would)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # For the composition: a run of `Fleet.start` bounded like the store's opening.
