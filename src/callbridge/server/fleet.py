@@ -198,10 +198,16 @@ class Fleet:
         """Stop the heartbeat, the listener and any reconciliation under way (the lease is
         kept until `release`)."""
         self._closed = True
-        # The heartbeat first: the reconciliations it started are then all in `_tasks`.
+        # gather(return_exceptions=True), not suppress(CancelledError) around each await, which
+        # would swallow a cancellation of this stop too. The heartbeat first: the
+        # reconciliations it started are then all in `_tasks`.
         if self._heartbeat is not None:
-            await _cancel_and_wait([self._heartbeat])
-        await _cancel_and_wait(list(self._tasks))
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2.0):
@@ -686,14 +692,6 @@ class Fleet:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-async def _cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel `tasks` and wait until they have ended, without raising how they ended; a
-    cancellation of the caller is not swallowed (as `suppress(CancelledError)` would)."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 # For the composition: a run of `Fleet.start` bounded like the store's opening.
